@@ -1,0 +1,194 @@
+"""DFlashConfig: the drafter's configuration, parsed once from a z-lab drafter directory.
+
+A z-lab drafter's `config.json` is a Qwen3 config plus `block_size`, `num_target_layers` and
+`dflash_config: {target_layer_ids, mask_token_id, block_size}`. Older checkpoints lack `dflash_config`;
+then `target_layer_ids` is spread evenly over the target (`default_target_layer_ids`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> tuple[int, ...]:
+    """The reference's even spread: one id -> [L // 2]; else round(1 + i * (L - 4) / (n - 1))."""
+    if num_draft_layers == 1:
+        return (num_target_layers // 2,)
+    start, end = 1, num_target_layers - 3
+    step = (end - start) / (num_draft_layers - 1)
+    return tuple(int(round(start + i * step)) for i in range(num_draft_layers))
+
+
+@dataclass(frozen=True)
+class DFlashConfig:
+    """Everything the drafter needs; validated in `__post_init__`, checked against a target by
+    `validate_against_target`. Field names follow the HF Qwen3 config."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int  # drafter layers
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    block_size: int
+    target_layer_ids: tuple[int, ...]
+    mask_token_id: int
+    num_target_layers: int
+    attention_bias: bool = False
+    vocab_size: int | None = None
+    rope_scaling: dict[str, Any] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        positive = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "num_target_layers")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DFlash config: {name}={value!r}, expected a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"DFlash config: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if not isinstance(self.block_size, int) or self.block_size < 2:
+            raise ValueError(f"DFlash config: block_size={self.block_size!r}, expected an integer >= 2")
+        if not self.target_layer_ids:
+            raise ValueError("DFlash config: target_layer_ids=(), expected at least one target layer id")
+        for i in self.target_layer_ids:
+            if not isinstance(i, int) or not 0 <= i < self.num_target_layers:
+                raise ValueError(
+                    f"DFlash config: target_layer_ids={list(self.target_layer_ids)} holds {i!r}, "
+                    f"expected ids in [0, {self.num_target_layers}) (num_target_layers)"
+                )
+        if not isinstance(self.mask_token_id, int) or self.mask_token_id < 0:
+            raise ValueError(f"DFlash config: mask_token_id={self.mask_token_id!r}, expected an integer >= 0")
+
+    @property
+    def num_target_features(self) -> int:
+        """K: the number of target layers whose hidden states feed the drafter."""
+        return len(self.target_layer_ids)
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, block_size: int | None = None) -> "DFlashConfig":
+        """Parse a z-lab drafter config dict. `block_size` overrides the checkpoint's (the drafter
+        runs at any block size; it was trained at one)."""
+        dflash = raw.get("dflash_config") or {}
+        required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise ValueError(f"DFlash config: missing fields {missing}; is this a DFlash drafter config?")
+        num_layers = raw["num_hidden_layers"]
+        num_target_layers = raw.get("num_target_layers")
+        if num_target_layers is None:
+            raise ValueError("DFlash config: missing field 'num_target_layers'")
+        ids = dflash.get("target_layer_ids")
+        if ids is None:
+            ids = default_target_layer_ids(num_target_layers, num_layers)
+        mask = dflash.get("mask_token_id", raw.get("mask_token_id"))
+        if mask is None:
+            raise ValueError(
+                "DFlash config: no mask_token_id (expected dflash_config.mask_token_id or mask_token_id)"
+            )
+        bs = block_size if block_size is not None else dflash.get("block_size", raw.get("block_size"))
+        if bs is None:
+            raise ValueError("DFlash config: no block_size (expected block_size or dflash_config.block_size)")
+        heads = raw["num_attention_heads"]
+        return cls(
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads", heads),
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(_rope_theta(raw)),
+            max_position_embeddings=raw.get("max_position_embeddings", 32768),
+            block_size=bs,
+            target_layer_ids=tuple(ids),
+            mask_token_id=mask,
+            num_target_layers=num_target_layers,
+            attention_bias=bool(raw.get("attention_bias", False)),
+            vocab_size=raw.get("vocab_size"),
+            rope_scaling=raw.get("rope_scaling"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, block_size: int | None = None) -> "DFlashConfig":
+        path = Path(path)
+        cfg = path / "config.json"
+        if not path.is_dir():
+            raise ValueError(f"DFlash drafter: {str(path)!r} is not a directory (expected a z-lab drafter dir)")
+        if not cfg.is_file():
+            raise ValueError(f"DFlash drafter: {str(path)!r} has no config.json")
+        try:
+            raw = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"DFlash drafter: {str(cfg)!r} is not valid JSON ({e})") from None
+        return cls.from_dict(raw, block_size=block_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The z-lab `config.json` layout (a Qwen3 config with DFlash fields)."""
+        out: dict[str, Any] = {
+            "architectures": ["DFlashDraftModel"],
+            "model_type": "qwen3",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+            "layer_types": ["full_attention"] * self.num_hidden_layers,
+            "block_size": self.block_size,
+            "num_target_layers": self.num_target_layers,
+            "dflash_config": {
+                "target_layer_ids": list(self.target_layer_ids),
+                "mask_token_id": self.mask_token_id,
+                "block_size": self.block_size,
+            },
+        }
+        if self.vocab_size is not None:
+            out["vocab_size"] = self.vocab_size
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = self.rope_scaling
+        return out
+
+    def validate_against_target(self, target: Any) -> None:
+        """Check this drafter fits a target config (an HF `PretrainedConfig` or a dict)."""
+        get = target.get if isinstance(target, dict) else (lambda k, d=None: getattr(target, k, d))
+        t_hidden = get("hidden_size")
+        t_layers = get("num_hidden_layers")
+        t_vocab = get("vocab_size")
+        if t_hidden != self.hidden_size:
+            raise ValueError(
+                f"DFlash drafter: hidden_size={self.hidden_size}, expected the target's hidden_size={t_hidden}"
+            )
+        for i in self.target_layer_ids:
+            if not 0 <= i < t_layers:
+                raise ValueError(
+                    f"DFlash drafter: target_layer_ids={list(self.target_layer_ids)} holds {i}, expected ids "
+                    f"in [0, {t_layers}) (the target has {t_layers} layers)"
+                )
+        if not 0 <= self.mask_token_id < t_vocab:
+            raise ValueError(
+                f"DFlash drafter: mask_token_id={self.mask_token_id}, expected an id in [0, {t_vocab}) "
+                f"(the target's embedding rows)"
+            )
+
+
+def _rope_theta(raw: dict[str, Any]) -> float:
+    if "rope_theta" in raw:
+        return raw["rope_theta"]
+    params = raw.get("rope_parameters") or {}
+    return params.get("rope_theta", 10000.0)

@@ -1,0 +1,45 @@
+"""SGLang plugin entry point (group `sglang.srt.plugins`, name `dflash`).
+
+SGLang calls `register()` with no arguments early in every process, before argument parsing
+(`sglang.srt.plugins.load_plugins`). Every hook this package places into SGLang is registered from here,
+so this module is the one place to read to see how we attach. Written against SGLang 0.5.23.
+
+`SGLANG_PLUGINS=<names>` (a whitelist) leaves this plugin out when `dflash` is not named.
+
+Status: the DFLASH worker hook lands with the SGLang worker (issue 3); until then registering only
+checks the SGLang version, so installing the package changes nothing in SGLang's behaviour.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import SGLANG_VERSION, __version__
+
+logger = logging.getLogger("sglang_dflash")
+
+
+def installed_sglang_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sglang")
+    except PackageNotFoundError:
+        return None
+
+
+def check_sglang_version() -> bool:
+    """True when the installed SGLang is the release we were written against; else say so, once."""
+    found = installed_sglang_version()
+    if found == SGLANG_VERSION:
+        return True
+    logger.warning(
+        "sglang-dflash %s was written against sglang %s but sglang %s is installed; "
+        "its DFLASH hooks stay off (install sglang==%s to use them)",
+        __version__, SGLANG_VERSION, found, SGLANG_VERSION,
+    )
+    return False
+
+
+def register() -> None:
+    check_sglang_version()

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random Qwen3 targets and DFlash drafters, built in memory or on disk."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "2")))
+
+
+def make_target(vocab=64, hidden=32, layers=3, heads=4, kv_heads=2, head_dim=8, seed=0, tie=True):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+        eos_token_id=None, bos_token_id=None, pad_token_id=None,
+    )
+    model = Qwen3ForCausalLM(cfg).float().eval()
+    # sharpen the random model a little so greedy decoding is not a coin toss on ties
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(20)
+    return model
+
+
+def make_drafter(target, *, layers=2, block_size=4, layer_ids=None, mask_token_id=None, kv_heads=None, seed=1):
+    from sglang_dflash.config import DFlashConfig
+    from sglang_dflash.drafter import DFlashDrafter
+    from sglang_dflash.train import init_weights
+
+    tc = target.config
+    torch.manual_seed(seed)
+    cfg = DFlashConfig(
+        hidden_size=tc.hidden_size, intermediate_size=tc.hidden_size * 3, num_hidden_layers=layers,
+        num_attention_heads=tc.num_attention_heads, num_key_value_heads=kv_heads or tc.num_key_value_heads,
+        head_dim=tc.head_dim, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
+        block_size=block_size,
+        target_layer_ids=tuple(layer_ids) if layer_ids else tuple(range(min(2, tc.num_hidden_layers))),
+        mask_token_id=tc.vocab_size - 1 if mask_token_id is None else mask_token_id,
+        num_target_layers=tc.num_hidden_layers, vocab_size=tc.vocab_size,
+    )
+    d = DFlashDrafter(cfg)
+    init_weights(d, std=0.2)
+    for m in d.modules():  # random norms, so a test also sees a wrong norm weight
+        if hasattr(m, "eps") and hasattr(m, "weight"):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    return d.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    from sglang_dflash.assets import tiny_pair as _tiny_pair
+
+    return _tiny_pair()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_models(tiny_pair):
+    from sglang_dflash.reference import load_pair
+
+    return load_pair(*tiny_pair)

@@ -1,0 +1,163 @@
+"""The drafter against a naive computation written here independently, and checkpoint loading."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_drafter, make_target
+from sglang_dflash.drafter import DFlashDrafter
+
+
+def naive_rms(x, w, eps=1e-6):
+    return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
+
+
+def naive_rope(x, pos, theta=10000.0):
+    """x [n, hd] for one head at positions pos [n]: rotate pairs (i, i + hd/2) by pos * theta^(-2i/hd)."""
+    n, hd = x.shape
+    out = torch.empty_like(x)
+    for t in range(n):
+        for i in range(hd // 2):
+            ang = float(pos[t]) * theta ** (-2 * i / hd)
+            a, b = x[t, i], x[t, i + hd // 2]
+            out[t, i] = a * math.cos(ang) - b * math.sin(ang)
+            out[t, i + hd // 2] = b * math.cos(ang) + a * math.sin(ang)
+    return out
+
+
+def naive_drafter(d, feats, ctx_pos, block_emb, blk_pos):
+    """One request, no batching. feats [C, K*H], block_emb [Q, H] -> hidden [Q, H]."""
+    sd = {k: v.double() for k, v in d.state_dict().items()}
+    cfg = d.cfg
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    ctx = naive_rms(feats.double() @ sd["fc.weight"].T, sd["hidden_norm.weight"])
+    h = block_emb.double()
+    for li in range(cfg.num_hidden_layers):
+        p = f"layers.{li}."
+        x = naive_rms(h, sd[p + "input_layernorm.weight"])
+        attn_out = torch.zeros(h.shape[0], nh * hd, dtype=torch.float64)
+        for head in range(nh):
+            kvh = head // (nh // nkv)
+            wq = sd[p + "self_attn.q_proj.weight"][head * hd:(head + 1) * hd]
+            wk = sd[p + "self_attn.k_proj.weight"][kvh * hd:(kvh + 1) * hd]
+            wv = sd[p + "self_attn.v_proj.weight"][kvh * hd:(kvh + 1) * hd]
+            q = naive_rope(naive_rms(x @ wq.T, sd[p + "self_attn.q_norm.weight"]), blk_pos)
+            k_ctx = naive_rope(naive_rms(ctx @ wk.T, sd[p + "self_attn.k_norm.weight"]), ctx_pos)
+            k_blk = naive_rope(naive_rms(x @ wk.T, sd[p + "self_attn.k_norm.weight"]), blk_pos)
+            k = torch.cat([k_ctx, k_blk])
+            v = torch.cat([ctx @ wv.T, x @ wv.T])
+            w = torch.softmax(q @ k.T / math.sqrt(hd), dim=-1)  # no causal mask
+            attn_out[:, head * hd:(head + 1) * hd] = w @ v
+        h = h + attn_out @ sd[p + "self_attn.o_proj.weight"].T
+        x = naive_rms(h, sd[p + "post_attention_layernorm.weight"])
+        gate = x @ sd[p + "mlp.gate_proj.weight"].T
+        up = x @ sd[p + "mlp.up_proj.weight"].T
+        h = h + (gate * torch.sigmoid(gate) * up) @ sd[p + "mlp.down_proj.weight"].T
+    return naive_rms(h, sd["norm.weight"])
+
+
+@pytest.mark.parametrize("heads,kv_heads,layers,ctx_len,B", [(4, 2, 2, 7, 4), (4, 4, 1, 3, 2), (4, 1, 3, 11, 8)])
+def test_forward_matches_naive(heads, kv_heads, layers, ctx_len, B):
+    target = make_target(heads=heads, kv_heads=kv_heads)
+    d = make_drafter(target, layers=layers, block_size=B)
+    torch.manual_seed(0)
+    KH = d.cfg.num_target_features * d.cfg.hidden_size
+    feats = torch.randn(2, ctx_len, KH)
+    ctx_pos = torch.arange(ctx_len)[None].repeat(2, 1)
+    emb = torch.randn(2, B, d.cfg.hidden_size)
+    blk_pos = torch.arange(ctx_len, ctx_len + B)[None].repeat(2, 1)
+    with torch.no_grad():
+        got = d(emb, blk_pos, d.context_kv(d.project(feats), ctx_pos))
+    for b in range(2):
+        want = naive_drafter(d, feats[b], ctx_pos[b], emb[b], blk_pos[b])
+        torch.testing.assert_close(got[b].double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_hides_keys():
+    """A key hidden by the mask must not change the output; a visible one must."""
+    target = make_target()
+    d = make_drafter(target, block_size=4)
+    torch.manual_seed(0)
+    feats = torch.randn(1, 6, d.cfg.num_target_features * d.cfg.hidden_size)
+    pos = torch.arange(6)[None]
+    emb = torch.randn(1, 4, d.cfg.hidden_size)
+    bpos = torch.arange(6, 10)[None]
+    mask = torch.ones(1, 4, 10, dtype=torch.bool)
+    mask[:, :, 5] = False  # hide context token 5
+    with torch.no_grad():
+        a = d(emb, bpos, d.context_kv(d.project(feats), pos), mask)
+        feats2 = feats.clone()
+        feats2[0, 5] += 3.0
+        b = d(emb, bpos, d.context_kv(d.project(feats2), pos), mask)
+        c = d(emb, bpos, d.context_kv(d.project(feats2), pos))
+    torch.testing.assert_close(a, b)
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_save_load_roundtrip_and_bf16(tmp_path):
+    target = make_target()
+    d = make_drafter(target)
+    d.save_pretrained(tmp_path)
+    loaded = DFlashDrafter.from_pretrained(tmp_path)
+    assert loaded.cfg == d.cfg
+    for (k, v), (k2, v2) in zip(d.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    bf = DFlashDrafter.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    feats = torch.randn(1, 5, d.cfg.num_target_features * d.cfg.hidden_size)
+    pos, emb, bpos = torch.arange(5)[None], torch.randn(1, 4, d.cfg.hidden_size), torch.arange(5, 9)[None]
+    with torch.no_grad():
+        ref = d(emb, bpos, d.context_kv(d.project(feats), pos))
+        low = bf(emb.bfloat16(), bpos, bf.context_kv(bf.project(feats.bfloat16()), pos))
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, rtol=0.1, atol=0.1)
+
+
+def test_zlab_names_and_model_prefix(tmp_path):
+    """z-lab weight names load; an exported `model.` prefix is tolerated."""
+    from safetensors.torch import save_file
+
+    d = make_drafter(make_target(), layers=1)
+    names = set(d.state_dict())
+    assert names == {
+        "fc.weight", "hidden_norm.weight", "norm.weight",
+        *(f"layers.0.self_attn.{p}_proj.weight" for p in "qkvo"),
+        "layers.0.self_attn.q_norm.weight", "layers.0.self_attn.k_norm.weight",
+        *(f"layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
+        "layers.0.input_layernorm.weight", "layers.0.post_attention_layernorm.weight",
+    }
+    d.save_pretrained(tmp_path)
+    save_file({"model." + k: v.contiguous() for k, v in d.state_dict().items()}, tmp_path / "model.safetensors")
+    DFlashDrafter.from_pretrained(tmp_path)
+
+
+def test_strict_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    d = make_drafter(make_target(), layers=2)
+    d.save_pretrained(tmp_path)
+    state = dict(d.state_dict())
+    state.pop("layers.1.mlp.up_proj.weight")
+    state["layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        DFlashDrafter.from_pretrained(tmp_path)
+    assert "layers.1.mlp.up_proj.weight" in str(e.value) and "layers.0.self_attn.extra.weight" in str(e.value)
+
+
+def test_shape_mismatch_and_corrupt(tmp_path):
+    from safetensors.torch import save_file
+
+    d = make_drafter(make_target())
+    d.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in d.state_dict().items()}
+    state["fc.weight"] = torch.zeros(3, 3)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="fc.weight has shape"):
+        DFlashDrafter.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read"):
+        DFlashDrafter.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        DFlashDrafter.from_pretrained(tmp_path)
