@@ -1,8 +1,6 @@
 """Acceptance math: hand-worked cases, a naive loop, and the sampling rule's output distribution."""
 
-import pytest
 import torch
-
 from sglang_dflash.accept import greedy_accept, sample_accept
 from sglang_dflash.sampling import SamplingParams, probs_for, processed_probs
 
@@ -89,7 +87,6 @@ def test_sampling_identical_distributions_accept_everything():
 
 
 def test_sampling_zero_target_prob_always_rejected():
-    V = 4
     p = torch.tensor([[[0.0, 0.5, 0.5, 0.0], [0.25] * 4]])
     q = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
     for _ in range(20):

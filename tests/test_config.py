@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from sglang_dflash.config import DFlashConfig, default_target_layer_ids
 
 ZLAB_4B = {

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_drafter, make_target
 from sglang_dflash.drafter import DFlashDrafter
 

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_drafter, make_target
 from sglang_dflash.reference import generate
 from sglang_dflash.sampling import SamplingParams

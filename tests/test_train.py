@@ -3,11 +3,10 @@
 import json
 
 import torch
-
 from conftest import make_drafter, make_target
 from sglang_dflash.drafter import DFlashDrafter
 from sglang_dflash.train import block_batch, block_logits, main, weighted_loss
-from sglang_dflash.train_data import Sequence, build_dataset
+from sglang_dflash.train_data import build_dataset
 
 
 def _data(target, layer_ids, n=6, seed=0):
