@@ -17,5 +17,8 @@ setup(
     package_data={"sglang_dflash": ["assets/tiny_pair/*.json", "assets/tiny_pair/*/*"]},
     install_requires=["sglang==0.5.23", "safetensors", "tqdm"],
     extras_require={"test": ["pytest", "scipy", "openai", "ruff", "tokenizers"]},
-    entry_points={"sglang.srt.plugins": ["dflash = sglang_dflash.plugin:register"]},
+    entry_points={
+        "sglang.srt.plugins": ["dflash = sglang_dflash.plugin:register"],
+        "sglang.srt.platforms": ["dflash_cpu = sglang_dflash.srt.platform:activate"],
+    },
 )

@@ -37,7 +37,7 @@ def make_drafter(target, *, layers=2, block_size=4, layer_ids=None, mask_token_i
     cfg = DFlashConfig(
         hidden_size=tc.hidden_size, intermediate_size=tc.hidden_size * 3, num_hidden_layers=layers,
         num_attention_heads=tc.num_attention_heads, num_key_value_heads=kv_heads or tc.num_key_value_heads,
-        head_dim=tc.head_dim, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
+        head_dim=tc.head_dim, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=tc.max_position_embeddings,
         block_size=block_size,
         target_layer_ids=tuple(layer_ids) if layer_ids else tuple(range(min(2, tc.num_hidden_layers))),
         mask_token_id=tc.vocab_size - 1 if mask_token_id is None else mask_token_id,

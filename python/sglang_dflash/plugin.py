@@ -6,8 +6,9 @@ so this module is the one place to read to see how we attach. Written against SG
 
 `SGLANG_PLUGINS=<names>` (a whitelist) leaves this plugin out when `dflash` is not named.
 
-Status: the DFLASH worker hook lands with the SGLang worker (issue 3); until then registering only
-checks the SGLang version, so installing the package changes nothing in SGLang's behaviour.
+What it attaches is listed, with the reason for each hook, in `sglang_dflash.srt.hooks`. On an SGLang
+release other than the one we were written against, nothing is attached and a warning names both.
+The CPU platform is a second entry point (group `sglang.srt.platforms`, `sglang_dflash.srt.platform`).
 """
 
 from __future__ import annotations
@@ -42,4 +43,8 @@ def check_sglang_version() -> bool:
 
 
 def register() -> None:
-    check_sglang_version()
+    if not check_sglang_version():
+        return
+    from .srt import hooks
+
+    hooks.install()

@@ -1,0 +1,52 @@
+"""Every place sglang-dflash attaches to SGLang, in one module. Written against SGLang 0.5.23.
+
+Called from the `sglang.srt.plugins` entry point (`sglang_dflash.plugin.register`) in every SGLang
+process, before SGLang parses its arguments. Each hook says why it exists:
+
+1. Worker (HookRegistry class REPLACE of `sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2`):
+   `--speculative-algorithm DFLASH` then builds OUR worker, while SGLang's generic wiring keyed on the
+   DFLASH name stays on: target hidden-state capture at the drafter's layers, draft KV pool sizing (one
+   draft slot per target slot), and the `spec_info.prepare_for_decode` dispatch. We name the upstream class
+   only as a string target; nothing of it is imported, subclassed or called by us.
+2. Drafter model (ModelRegistry, overwrite): architecture `DFlashDraftModel` loads our class.
+3. Attention ("torch_native" in SGLang's attention-backend registry): the stock CPU backend cannot run
+   TARGET_VERIFY forwards; ours can, so the same worker code path runs on CPU.
+4. KV-copy warm-up (AROUND `MHATokenToKVPool._init_kv_copy_and_warmup`): any speculative algorithm makes
+   SGLang warm up a Triton KV-copy kernel, which has no driver on a CPU-only machine; DFLASH never moves KV,
+   so on CPU the warm-up is skipped (the copy config stays None, as it is for pools built without it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("sglang_dflash")
+
+WORKER_TARGET = "sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2"
+KV_WARMUP_TARGET = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._init_kv_copy_and_warmup"
+
+
+def _skip_kv_copy_warmup_on_cpu(original, pool, *args, **kwargs):
+    if str(pool.device).startswith("cpu"):
+        pool._kv_copy_config = None
+        return None
+    return original(pool, *args, **kwargs)
+
+
+def _create_torch_native_backend(runner):
+    from .attention import VerifyCapableTorchNativeBackend
+
+    return VerifyCapableTorchNativeBackend(runner)
+
+
+def install() -> None:
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from .worker import DFlashWorker
+
+    HookRegistry.register(WORKER_TARGET, DFlashWorker, HookType.REPLACE)
+    HookRegistry.register(KV_WARMUP_TARGET, _skip_kv_copy_warmup_on_cpu, HookType.AROUND)
+    ModelRegistry.register("sglang_dflash.srt.models", overwrite=True, strict=True)
+    register_attention_backend("torch_native")(_create_torch_native_backend)

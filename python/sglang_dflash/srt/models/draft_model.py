@@ -1,0 +1,115 @@
+"""The drafter as an SGLang model (architecture `DFlashDraftModel`), served by SGLang's ModelRunner.
+
+It reuses the reference drafter's layers (`sglang_dflash.drafter`: same parameters, norms and RoPE, so
+the two agree to float rounding) and swaps only the attention core for SGLang's `RadixAttention`, with
+`AttentionType.ENCODER_ONLY`: every attention backend then attends NON-causally over the request's
+whole KV (context K/V written by the worker + the block's own K/V written by this forward).
+
+Shapes: `num_tokens` = bs * B block tokens in a draft forward, `H` hidden, `K*H` target features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ...config import DFlashConfig
+from ...drafter import DFlashDrafter
+
+if TYPE_CHECKING:
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+
+class DFlashDraftModel(nn.Module):
+    """SGLang entry class for z-lab DFlash drafter checkpoints."""
+
+    def __init__(self, config, quant_config=None, prefix: str = "") -> None:
+        super().__init__()
+        from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
+
+        if quant_config is not None:
+            raise ValueError(f"DFlash drafter: quantization {quant_config!r} is not supported; load it unquantized")
+        self.cfg = DFlashConfig.from_dict(config.to_dict())
+        self.config = config
+        self.drafter = DFlashDrafter(self.cfg)
+        c = self.cfg
+        self.attn = nn.ModuleList(
+            RadixAttention(c.num_attention_heads, c.head_dim, c.head_dim**-0.5, num_kv_heads=c.num_key_value_heads,
+                           layer_id=i, attn_type=AttentionType.ENCODER_ONLY, prefix=f"{prefix}attn.{i}")
+            for i in range(c.num_hidden_layers)
+        )
+
+    # -- the target's frozen embedding and lm_head (the drafter has neither) ---------------------
+    def attach_target(self, target_model: nn.Module) -> None:
+        self._target = [target_model]  # a list: not a submodule, so no weights are loaded or owned
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """drafter hidden [..., H] -> logits [..., V] float32 through the target's lm_head."""
+        head = self._target[0].lm_head.weight
+        return torch.nn.functional.linear(hidden.to(head.dtype), head).float()
+
+    # -- context: target hidden states -> drafter K/V (written by the worker) -----------------
+    def project(self, target_hidden: torch.Tensor) -> torch.Tensor:
+        """target_hidden [num_tokens, K*H] -> context [num_tokens, H]."""
+        return self.drafter.project(target_hidden.to(self.drafter.fc.weight.dtype))
+
+    def context_kv(self, context: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """context [n, H], positions [n] -> per layer (k, v) [n, nkv, hd], k normed and rotated."""
+        out = []
+        for layer in self.drafter.layers:
+            k, v = layer.self_attn.kv(context[None], positions[None])
+            out.append((k[0], v[0]))
+        return out
+
+    # -- the block forward ---------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens] block ids: [bonus, MASK...] per request
+        positions: torch.Tensor,  # [num_tokens] int64
+        forward_batch: ForwardBatch,
+        input_embeds: torch.Tensor | None = None,
+        **_: object,
+    ):
+        """Embedded here with the target's embedding (SGLang would cast passed input_embeds to bf16)."""
+        from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+        h = self._target[0].model.embed_tokens(input_ids).to(self.drafter.fc.weight.dtype)
+        pos = positions[None]
+        for layer, attn in zip(self.drafter.layers, self.attn):
+            sa = layer.self_attn
+            x = layer.input_layernorm(h)[None]  # [1, n, H]
+            n = x.shape[1]
+            q = sa.rotary[0](sa.q_norm(sa.q_proj(x).view(1, n, sa.nh, sa.hd)), pos)
+            k, v = sa.kv(x, pos)
+            o = attn(q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1), forward_batch)
+            h = h + sa.o_proj(o.view(n, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return LogitsProcessorOutput(next_token_logits=None, hidden_states=self.drafter.norm(h))
+
+    # -- weights ---------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Strict: every drafter tensor must be present, nothing else may be."""
+        own = self.drafter.state_dict()
+        seen = set()
+        unexpected = []
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if name not in own:
+                unexpected.append(name)
+                continue
+            if own[name].shape != tensor.shape:
+                raise ValueError(f"DFlash drafter: tensor {name} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(own[name].shape)}")
+            own[name].copy_(tensor)
+            seen.add(name)
+        missing = sorted(set(own) - seen)
+        if missing or unexpected:
+            raise ValueError(f"DFlash drafter checkpoint does not match its config: missing tensors {missing}, "
+                             f"unexpected tensors {sorted(unexpected)}")
+
+
+EntryClass = DFlashDraftModel

@@ -1,0 +1,50 @@
+"""A CPU platform for SGLang (entry point group `sglang.srt.platforms`), active only without a GPU.
+
+SGLang 0.5.23 on a CPU-only machine without its CPU kernel build falls back to a bare platform whose
+rotary embedding imports vllm, and refuses DFLASH on device "cpu". This out-of-tree platform is SGLang's
+in-tree CPU platform plus: torch_native attention and the pytorch sampler by default, DFLASH supported
+with torch_native for the drafter too. `activate()` returns None where CUDA, ROCm, XPU or NPU is present,
+so GPU machines are untouched. Written against SGLang 0.5.23.
+"""
+
+from __future__ import annotations
+
+import torch
+from sglang.srt.platforms.cpu import CpuSRTPlatform
+from sglang.srt.platforms.interface import PlatformEnum
+
+
+def activate() -> str | None:
+    if torch.cuda.is_available():
+        return None
+    for name in ("xpu", "npu"):
+        mod = getattr(torch, name, None)
+        if mod is not None and getattr(mod, "is_available", lambda: False)():
+            return None
+    return "sglang_dflash.srt.platform.DFlashCpuPlatform"
+
+
+class DFlashCpuPlatform(CpuSRTPlatform):
+    _enum = PlatformEnum.OOT
+
+    def get_default_attention_backend(self) -> str:
+        return "torch_native"
+
+    def get_default_speculative_draft_attention_backend(self, algorithm: str) -> str:
+        return "torch_native"
+
+    def supports_speculative_algorithm(self, algorithm: str) -> bool:
+        return algorithm.upper() == "DFLASH"
+
+    def supports_speculative_draft_attention_backend(self, algorithm: str, backend: str) -> bool:
+        return algorithm.upper() == "DFLASH" and backend == "torch_native"
+
+    def apply_server_args_defaults(self, server_args) -> None:
+        super().apply_server_args_defaults(server_args)
+        if getattr(server_args, "device", None) in (None, "auto"):
+            server_args.device = "cpu"
+        if server_args.sampling_backend is None:
+            server_args.sampling_backend = "pytorch"
+        server_args.disable_cuda_graph = True
+        if server_args.speculative_algorithm is not None:
+            server_args.disable_overlap_schedule = True

@@ -1,0 +1,108 @@
+"""The two SpecInputs our worker hands SGLang's scheduler and forward passes.
+
+`DFlashDraftInput` rides on `ScheduleBatch.spec_info` between steps: the bonus token of each request
+(the next block's anchor). The scheduler calls its `prepare_for_decode` before every decode step (the
+dflash-family dispatch in `spec_utils.spec_prepare_for_decode`), which reserves the KV slots the next
+block will use, and its `filter_batch` / `merge_batch` when requests finish or join.
+
+`BlockForwardInput` describes one TARGET_VERIFY forward of B tokens per request, used for both the
+drafter's block forward and the target's verify forward; attention backends read `draft_token_num`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
+from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+
+@dataclass
+class DFlashDraftInput(SpecInput):
+    bonus_tokens: torch.Tensor  # [bs] int64: the last committed token of each request, not yet in KV
+    block_size: int
+    future_indices: torch.Tensor | None = None  # overlap relay slot; unused on the synchronous path
+    # Relay fields SGLang's FutureMap reads from any draft input; DFlash carries no hidden state.
+    topk_p: torch.Tensor | None = field(default=None, repr=False)
+    topk_index: torch.Tensor | None = field(default=None, repr=False)
+    hidden_states: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__init__(SpecInputType.DFLASH_DRAFT)
+        bs = self.bonus_tokens.shape[0]
+        empty = self.bonus_tokens.new_empty((bs, 0), dtype=torch.float32)
+        self.topk_p, self.topk_index, self.hidden_states = empty, empty.long(), empty
+
+    def prepare_for_decode(self, batch: ScheduleBatch) -> None:
+        reserve_block_slots(batch, reserve=2 * self.block_size)
+
+    def filter_batch(self, new_indices: torch.Tensor, new_indices_cpu=None) -> None:
+        self.bonus_tokens = self.bonus_tokens[new_indices]
+        self.__post_init__()
+
+    def merge_batch(self, other: DFlashDraftInput | None) -> None:
+        if other is None:
+            return
+        self.bonus_tokens = torch.cat([self.bonus_tokens, other.bonus_tokens])
+        self.__post_init__()
+
+
+@dataclass
+class BlockForwardInput(SpecInput):
+    """A TARGET_VERIFY forward over `draft_token_num` tokens per request at `positions`."""
+
+    draft_token_num: int
+    positions: torch.Tensor  # [bs * B] int64
+    capture_hidden_mode: CaptureHiddenMode = CaptureHiddenMode.NULL
+    topk: int = 1
+
+    def __post_init__(self) -> None:
+        super().__init__(SpecInputType.DFLASH_VERIFY)
+        self.num_tokens_per_req = self.draft_token_num
+        self.num_tokens_for_logprob_per_req = self.draft_token_num
+
+
+def reserve_block_slots(batch: ScheduleBatch, *, reserve: int) -> None:
+    """Make sure every request owns KV slots for positions [committed, committed + reserve).
+
+    Slots are written into `req_to_token` and counted in `req.kv.kv_allocated_len`, so SGLang frees them
+    with the request (`release_kv_cache` frees everything up to `kv_allocated_len`). The scheduler's
+    admission check assumes the same 2*B reserve (`get_alloc_reserve_per_decode`).
+    """
+    from sglang.srt.mem_cache.allocation import alloc_paged_token_slots_extend, alloc_token_slots, get_last_loc
+    from sglang.srt.mem_cache.allocation_sizing import page_aligned_decode_alloc_lens
+
+    bs = batch.batch_size()
+    if bs == 0:
+        return
+    allocator = batch.tree_cache.token_to_kv_pool_allocator
+    page_size = allocator.page_size
+    cur, nxt, need = page_aligned_decode_alloc_lens(batch.reqs, reserve=reserve, page_size=page_size)
+    if need > 0:
+        req_to_token = batch.req_to_token_pool.req_to_token
+        dev = batch.req_pool_indices.device
+        if page_size == 1:
+            slots = alloc_token_slots(batch.tree_cache, need)
+        else:
+            cur_cpu, nxt_cpu = torch.tensor(cur, dtype=torch.int64), torch.tensor(nxt, dtype=torch.int64)
+            cur_t, nxt_t = cur_cpu.to(dev), nxt_cpu.to(dev)
+            last_loc = get_last_loc(req_to_token, batch.req_pool_indices, cur_t)
+            slots = alloc_paged_token_slots_extend(batch.tree_cache, cur_t, cur_cpu, nxt_t, nxt_cpu, last_loc, need,
+                                                   req_pool_indices=batch.req_pool_indices, batch=batch)
+        rows = batch.req_pool_indices.tolist()  # sync: host loop over requests; a kernel replaces it on GPU
+        offset = 0
+        for row, a, b in zip(rows, cur, nxt):
+            if b > a:
+                req_to_token[row, a:b] = slots[offset : offset + b - a].to(req_to_token.dtype)
+                offset += b - a
+    for req, b in zip(batch.reqs, nxt):
+        req.kv.kv_allocated_len = max(req.kv.kv_allocated_len, b)
+        req.decode_batch_idx += 1
+    committed = torch.tensor([r.kv.kv_committed_len for r in batch.reqs], dtype=torch.int64)
+    batch.seq_lens_cpu = committed
+    batch.seq_lens_sum = int(committed.sum())

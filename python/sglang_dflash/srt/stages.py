@@ -1,0 +1,103 @@
+"""The stages of one SGLang decode step, as functions of tensors and SGLang's batch objects.
+
+    block_layout -> propose (draft tokens) -> accept -> committed_tokens ; write_context (drafter K/V)
+
+Shapes: `bs` requests, `B` block size, `V` vocab, `H` hidden, `K*H` concatenated target features.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..accept import greedy_accept, sample_accept
+from ..sampling import processed_probs
+
+
+class BlockLayout(NamedTuple):
+    positions: torch.Tensor  # [bs, B] int64: L_i + j
+    slots: torch.Tensor  # [bs, B] int64: KV slot ids req_to_token[row_i, L_i + j]
+
+
+def block_layout(batch, B: int) -> BlockLayout:
+    positions = batch.seq_lens[:, None].long() + torch.arange(B, device=batch.seq_lens.device)
+    rows = batch.req_pool_indices[:, None].expand_as(positions)
+    slots = batch.req_to_token_pool.req_to_token[rows, positions].long()
+    return BlockLayout(positions, slots)
+
+
+def extend_positions(batch) -> torch.Tensor:
+    """Absolute positions [num_tokens] of the tokens an extend batch computes (prefix hits skipped)."""
+    dev = batch.seq_lens.device
+    return torch.cat([torch.arange(p, p + n, device=dev) for p, n in zip(batch.prefix_lens, batch.extend_lens)])
+
+
+def write_context(drafter, draft_runner, target_hidden: torch.Tensor, positions: torch.Tensor,
+                  slots: torch.Tensor) -> None:
+    """target_hidden [n, K*H] at positions [n] -> every drafter layer's K/V, into the drafter's pool at the
+    target's slot ids [n]."""
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    pool = draft_runner.token_to_kv_pool
+    context = drafter.project(target_hidden)
+    for attn, (k, v) in zip(drafter.attn, drafter.context_kv(context, positions)):
+        pool.set_kv_buffer(attn, KVWriteLoc(slots, physical=True), k, v)
+
+
+def _sampling_tensors(sampling_info, rows: int, vocab: int):
+    """Per-request (temperature, top_k, top_p, min_p) repeated for `rows` rows per request."""
+    rep = lambda t: t.reshape(-1).repeat_interleave(rows)  # noqa: E731
+    top_k = sampling_info.top_ks.long().clamp(max=vocab)
+    return rep(sampling_info.temperatures), rep(top_k), rep(sampling_info.top_ps), rep(sampling_info.min_ps)
+
+
+def propose(draft_logits: torch.Tensor, sampling_info) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """draft_logits [bs, B-1, V] -> drafts [bs, B-1] int64 and q [bs, B-1, V] (None when all greedy).
+
+    Sampling requests draw each draft from the drafter's own distribution, processed with the request's
+    temperature / top-k / top-p / min-p, so acceptance can use the real q (not a point mass)."""
+    if sampling_info.is_all_greedy:
+        return draft_logits.argmax(dim=-1), None
+    bs, n, V = draft_logits.shape
+    q = processed_probs(draft_logits.reshape(bs * n, V), *_sampling_tensors(sampling_info, n, V))
+    drafts = torch.multinomial(q, 1)[:, 0].view(bs, n)
+    return drafts, q.view(bs, n, V)
+
+
+def accept(verify_ids: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Tensor | None,
+           sampling_info) -> tuple[torch.Tensor, torch.Tensor]:
+    """verify_ids [bs, B], target logits [bs, B, V] -> accept_len [bs], bonus_token [bs] (int64)."""
+    if draft_probs is None:
+        return greedy_accept(verify_ids, logits.argmax(dim=-1))
+    bs, B, V = logits.shape
+    p = processed_probs(logits.reshape(bs * B, V), *_sampling_tensors(sampling_info, B, V)).view(bs, B, V)
+    uniforms = torch.rand(bs, B - 1, device=logits.device)
+    return sample_accept(verify_ids, draft_probs, p, uniforms)
+
+
+def committed_tokens(drafts: torch.Tensor, accept_len: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
+    """-> [bs, B]: row i = d1..d_a, bonus, then padding; the scheduler reads the first a+1 entries."""
+    out = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], dim=1)
+    return out.scatter(1, accept_len[:, None], bonus[:, None])
+
+
+def check_pair(drafter, target_model, target_runner, block_size: int) -> None:
+    """Refuse to start on a drafter that does not fit the target; each error names the bad value."""
+    cfg = drafter.cfg
+    tcfg = target_runner.model_config.hf_config
+    cfg.validate_against_target(tcfg)
+    n_layers = tcfg.num_hidden_layers
+    last = max(cfg.target_layer_ids)
+    if last >= n_layers - 1:
+        raise ValueError(
+            f"DFlash drafter: target_layer_ids={list(cfg.target_layer_ids)} holds {last}, the target's last layer; "
+            f"SGLang captures a layer's output as the next layer's input, so ids must be < {n_layers - 1}"
+        )
+    if not hasattr(target_model, "set_dflash_layers_to_capture"):
+        raise ValueError(
+            f"DFlash: target model class {type(target_model).__name__} cannot capture hidden states "
+            "(it has no set_dflash_layers_to_capture); use a target such as Qwen3 or Llama"
+        )
+    if block_size < 2:
+        raise ValueError(f"DFlash: --speculative-num-draft-tokens={block_size}, expected a block size >= 2")

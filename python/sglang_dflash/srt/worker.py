@@ -1,0 +1,159 @@
+"""Our DFLASH worker on SGLang 0.5.23's V2 speculative-worker contract (synchronous path).
+
+Prefill:  target extend with hidden-state capture -> drafter context K/V for every prompt token,
+          written before the scheduler can share the prefix through the radix cache.
+Decode:   draft (block forward on the drafter runner) -> verify (TARGET_VERIFY on the target)
+          -> accept -> commit. The step reads as those four calls; their math lives in `stages.py`
+          and `sglang_dflash.accept`.
+
+KV slots: the drafter's pool has one slot per target slot, indexed by the same slot ids (SGLang sizes it
+so for `--speculative-algorithm DFLASH`). A decode step uses slots [L, L+B) of each request, reserved by
+`DFlashDraftInput.prepare_for_decode`; the block's scratch K/V and the rejected tail are overwritten by the
+next step before anything reads them, and SGLang frees the reservation with the request.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.managers.tp_worker import TpModelWorker
+from sglang.srt.managers.utils import GenerationBatchResult
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
+from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+
+from .. import __version__
+from . import stages
+from .spec_inputs import BlockForwardInput, DFlashDraftInput
+
+logger = logging.getLogger("sglang_dflash")
+
+
+class DFlashWorker(BaseSpecWorker):
+    def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker: TpModelWorker) -> None:
+        super().__init__()
+        from sglang.srt.layers.moe.utils import draft_model_build_scope
+        from sglang.srt.runtime_context import get_spec
+        from sglang.srt.speculative.draft_parallel import model_draft_parallel_spec, resolve_draft_parallel_layout
+        from sglang.srt.speculative.spec_utils import draft_pp_context, draft_tp_context
+
+        self.server_args = server_args
+        self._target_worker = target_worker
+        self.device = target_worker.device
+        target_runner = target_worker.model_runner
+        spec = get_spec()  # the resolved speculative arguments (SGLang infers B from the drafter config)
+        self.block_size = int(spec.speculative_num_draft_tokens)
+        self.speculative_num_draft_tokens = self.block_size
+        self.draft_parallel_layout = resolve_draft_parallel_layout(
+            model_draft_parallel_spec(target_runner.spec_aux_config.draft_model_config,
+                                      spec_algorithm=target_runner.spec_algorithm),
+            collapse_cp=True,
+        )
+        with draft_pp_context(), draft_tp_context(self.draft_parallel_layout), draft_model_build_scope():
+            draft = TpModelWorker(
+                server_args=server_args, gpu_id=gpu_id, nccl_port=nccl_port, is_draft_worker=True,
+                context_length=target_runner.model_config.context_len,
+                draft_attention_backend=spec.speculative_draft_attention_backend,
+            )
+        draft.draft_runner = draft.model_runner  # the name SGLang's metrics timer looks for
+        if draft.model_runner.model_config.vocab_size is None:
+            draft.model_runner.model_config.vocab_size = target_runner.model_config.vocab_size
+        self._draft_worker = draft
+        self.draft_runner = draft.model_runner
+        self.drafter = self.draft_runner.model
+        self.target_model = target_runner.model
+        stages.check_pair(self.drafter, self.target_model, target_runner, self.block_size)
+        self.drafter.attach_target(self.target_model)
+        self.mask_token_id = self.drafter.cfg.mask_token_id
+        logger.info("sglang-dflash %s: DFLASH worker active (block size %d, drafter layers %d, target layers %s)",
+                    __version__, self.block_size, self.drafter.cfg.num_hidden_layers,
+                    list(self.drafter.cfg.target_layer_ids))
+
+    # -- SGLang worker plumbing ------------------------------------------------------------------
+    def weight_update_runners(self):
+        return [("draft", self.draft_runner)]
+
+    def init_cuda_graphs(self) -> None:
+        capture = not self.server_args.disable_cuda_graph and self.device != "cpu"
+        self._draft_worker.init_cuda_graphs(capture_decode_cuda_graph=capture)
+
+    @property
+    def spec_v2_attn_backends(self) -> tuple:
+        return (self.target_worker.model_runner.attn_backend, self.draft_runner.attn_backend)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None):
+        if batch.forward_mode.is_extend():
+            return self._prefill(batch, on_publish)
+        if batch.forward_mode.is_decode():
+            return self._decode(batch, on_publish)
+        raise NotImplementedError(f"sglang-dflash: forward mode {batch.forward_mode!r} is not supported")
+
+    def _prefill(self, batch, on_publish) -> GenerationBatchResult:
+        if batch.forward_mode.is_mixed():
+            raise NotImplementedError("sglang-dflash: --enable-mixed-chunk is not supported")
+        res = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
+        target_hidden = res.logits_output.hidden_states  # [num_tokens, K*H]
+        res.logits_output.hidden_states = None
+        positions = stages.extend_positions(batch)
+        stages.write_context(self.drafter, self.draft_runner, target_hidden, positions, batch.out_cache_loc)
+        res.new_seq_lens = batch.seq_lens  # same object: the scheduler keeps its lengths
+        res.next_draft_input = DFlashDraftInput(bonus_tokens=res.next_token_ids.long(), block_size=self.block_size)
+        if on_publish is not None:
+            on_publish(batch.seq_lens)
+        return res
+
+    def _decode(self, batch, on_publish) -> GenerationBatchResult:
+        B = self.block_size
+        anchor = batch.spec_info.bonus_tokens  # [bs]: last step's bonus, position L
+        block = stages.block_layout(batch, B)  # positions and KV slots of [L, L+B) per request
+        drafts, draft_probs = self._draft(batch, block, anchor)
+        verify_ids = torch.cat([anchor[:, None], drafts], dim=1)  # [bs, B]
+        logits, target_hidden = self._verify(batch, block, verify_ids)
+        accept_len, bonus = stages.accept(verify_ids, logits, draft_probs, batch.sampling_info)
+        # commit: drafter context for the block rows (rows past the commit length are overwritten by the
+        # next block before they are read), then the lengths and the committed run.
+        stages.write_context(self.drafter, self.draft_runner, target_hidden, block.positions.flatten(),
+                             block.slots.flatten())
+        commit_len = accept_len + 1
+        new_seq_lens = batch.seq_lens + commit_len
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        return GenerationBatchResult(
+            logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=None),
+            next_token_ids=stages.committed_tokens(drafts, accept_len, bonus).flatten(),
+            accept_lens=commit_len,
+            new_seq_lens=new_seq_lens,
+            next_draft_input=DFlashDraftInput(bonus_tokens=bonus, block_size=B),
+            speculative_num_draft_tokens=B,
+            can_run_cuda_graph=False,
+        )
+
+    def _draft(self, batch, block, anchor):
+        """-> drafts [bs, B-1] int64, draft_probs [bs, B-1, V] or None when every request is greedy."""
+        B = self.block_size
+        block_ids = torch.full_like(block.positions, self.mask_token_id)
+        block_ids[:, 0] = anchor
+        fb = self._block_forward_batch(batch, self.draft_runner, block_ids, block, CaptureHiddenMode.NULL)
+        hidden = self.draft_runner.forward(fb).logits_output.hidden_states  # [bs*B, H]
+        hidden = hidden.view(-1, B, hidden.shape[-1])[:, 1:]
+        return stages.propose(self.drafter.draft_logits(hidden), batch.sampling_info)
+
+    def _verify(self, batch, block, verify_ids):
+        """-> target logits [bs, B, V] float32, target_hidden [bs*B, K*H]."""
+        runner = self.target_worker.model_runner
+        fb = self._block_forward_batch(batch, runner, verify_ids, block, CaptureHiddenMode.FULL)
+        out = self.target_worker.forward_batch_generation(batch=None, forward_batch=fb, is_verify=True)
+        logits = out.logits_output.next_token_logits
+        return logits.view(verify_ids.shape[0], self.block_size, -1), out.logits_output.hidden_states
+
+    def _block_forward_batch(self, batch, runner, ids, block, capture: CaptureHiddenMode) -> ForwardBatch:
+        """A TARGET_VERIFY ForwardBatch of B tokens per request at the block's positions and slots.
+        Field edits on `batch` are undone by the scheduler's isolation after the step."""
+        batch.forward_mode = ForwardMode.TARGET_VERIFY
+        batch.input_ids = ids.flatten()
+        batch.out_cache_loc = block.slots.flatten()
+        batch.spec_info = BlockForwardInput(draft_token_num=self.block_size, positions=block.positions.flatten(),
+                                            capture_hidden_mode=capture)
+        return ForwardBatch.init_new(batch, runner, capture_hidden_mode=capture, return_hidden_states_before_norm=False)
