@@ -11,7 +11,8 @@ Requests run one after another, each with its own KV caches and its own random g
     draft   block = [bonus, MASK x (n-1)] -> drafter -> target lm_head -> d1..d(n-1)
     verify  target forward on the block at positions L..L+n-1, keeping the features
     accept  greedy_accept / sample_accept -> accept_len a, bonus
-    commit  tokens d1..da, bonus (cut after a stop token); target cache cropped to L+a+1;
+    commit  tokens d1..da, bonus (cut at max_new_tokens and after a stop token); target cache cropped
+            to L+a+1;
             drafter context gains the features of the a+1 committed block tokens.
 """
 
@@ -33,7 +34,10 @@ from .sampling import SamplingParams, probs_for
 @dataclass
 class GenerationResult:
     output_ids: list[int]
-    accept_lengths: list[int] = field(default_factory=list)  # tokens produced per decode step
+    accept_lengths: list[int] = field(default_factory=list)  # tokens committed per decode step
+    # drafts the target accepted per step, before the cut at max_new_tokens / a stop token (what SGLang's
+    # spec_correct_drafts_histogram counts)
+    accepted_drafts: list[int] = field(default_factory=list)
 
 
 def target_features(hidden_states: tuple[torch.Tensor, ...], layer_ids: tuple[int, ...]) -> torch.Tensor:
@@ -100,7 +104,7 @@ def generate_one(
 
     while len(result.output_ids) < max_new_tokens:
         start = len(prompt_ids) + len(result.output_ids) - 1  # position of the anchor (last bonus)
-        n = min(block_size if use_draft else 1, max_new_tokens - len(result.output_ids))
+        n = block_size if use_draft else 1  # always a full block, as the SGLang worker does
         block = torch.full((1, n), mask_id if use_draft else 0, device=dev, dtype=torch.int64)
         block[0, 0] = result.output_ids[-1]
         positions = torch.arange(start, start + n, device=dev)[None]
@@ -126,9 +130,11 @@ def generate_one(
             accept_len, bonus = sample_accept(block, q, probs_for(logits, params)[None], uniforms, gen)
         a = int(accept_len[0])
         # commit
-        new, stopped = _cut_at_stop(block[0, 1 : a + 1].tolist() + [int(bonus[0])], stop_ids)
+        new = (block[0, 1 : a + 1].tolist() + [int(bonus[0])])[: max_new_tokens - len(result.output_ids)]
+        new, stopped = _cut_at_stop(new, stop_ids)
         result.output_ids += new
         result.accept_lengths.append(len(new))
+        result.accepted_drafts.append(a)
         if stopped:
             break
         _crop(cache, start + a + 1)

@@ -11,7 +11,10 @@ process, before SGLang parses its arguments. Each hook says why it exists:
 2. Drafter model (ModelRegistry, overwrite): architecture `DFlashDraftModel` loads our class.
 3. Attention ("torch_native" in SGLang's attention-backend registry): the stock CPU backend cannot run
    TARGET_VERIFY forwards; ours can, so the same worker code path runs on CPU.
-4. KV-copy warm-up (AROUND `MHATokenToKVPool._init_kv_copy_and_warmup`): any speculative algorithm makes
+4. Request check (REPLACE `sglang.srt.managers.scheduler.validate_dflash_request`, the function the
+   scheduler calls for every DFLASH request): requests asking for what our worker does not serve yet
+   (logprobs, penalties, constrained decoding, ...) are aborted with a message instead of half-served.
+5. KV-copy warm-up (AROUND `MHATokenToKVPool._init_kv_copy_and_warmup`): any speculative algorithm makes
    SGLang warm up a Triton KV-copy kernel, which has no driver on a CPU-only machine; DFLASH never moves KV,
    so on CPU the warm-up is skipped (the copy config stays None, as it is for pools built without it).
 """
@@ -23,6 +26,7 @@ import logging
 logger = logging.getLogger("sglang_dflash")
 
 WORKER_TARGET = "sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2"
+REQUEST_CHECK_TARGET = "sglang.srt.managers.scheduler.validate_dflash_request"
 KV_WARMUP_TARGET = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._init_kv_copy_and_warmup"
 
 
@@ -44,9 +48,11 @@ def install() -> None:
     from sglang.srt.models.registry import ModelRegistry
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    from .requests import validate_request
     from .worker import DFlashWorker
 
     HookRegistry.register(WORKER_TARGET, DFlashWorker, HookType.REPLACE)
+    HookRegistry.register(REQUEST_CHECK_TARGET, validate_request, HookType.REPLACE)
     HookRegistry.register(KV_WARMUP_TARGET, _skip_kv_copy_warmup_on_cpu, HookType.AROUND)
     ModelRegistry.register("sglang_dflash.srt.models", overwrite=True, strict=True)
     register_attention_backend("torch_native")(_create_torch_native_backend)

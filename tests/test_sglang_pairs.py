@@ -1,0 +1,95 @@
+"""SGLang DFLASH on tiny random pairs of several shapes (block 4, 8, 16; GQA ratios), and the sampling
+distribution check on a tiny vocabulary. Servers run without a tokenizer (token ids in and out)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_drafter, make_target
+from sglang_dflash.reference import generate
+from sglang_dflash.sampling import SamplingParams, probs_for
+from sglang_server import Server, start_all
+
+SHAPES = {  # name: (target kwargs, drafter kwargs)
+    "b4_gqa2": (dict(heads=4, kv_heads=2, layers=3, seed=11), dict(layers=1, block_size=4, layer_ids=(0, 1))),
+    "b8_mha": (dict(heads=4, kv_heads=4, layers=4, seed=12), dict(layers=2, block_size=8, layer_ids=(0, 2))),
+    "b16_gqa4": (dict(heads=4, kv_heads=1, layers=3, seed=13), dict(layers=2, block_size=16, layer_ids=(1,))),
+}
+PROMPTS = [[(7 * i + 3 * j) % 60 + 2 for j in range(3 + (i * 5) % 29)] for i in range(20)]
+
+
+def _save_pair(root, name, t_kw, d_kw):
+    target = make_target(**t_kw)
+    target.config.max_position_embeddings = 512
+    drafter = make_drafter(target, mask_token_id=63, **d_kw)
+    target.save_pretrained(root / name / "target")
+    drafter.save_pretrained(root / name / "draft")
+    return target, drafter
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    models, servers = {}, {}
+    for name, (t_kw, d_kw) in SHAPES.items():
+        models[name] = _save_pair(root, name, t_kw, d_kw)
+        servers[name] = Server(root / name / "target", root / name / "draft", "--skip-tokenizer-init",
+                               "--max-total-tokens", "4096")
+    start_all(*servers.values())
+    yield models, servers
+    for s in servers.values():
+        s.stop()
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_greedy_equals_target_only(pairs, name, concurrency):
+    models, servers = pairs
+    target, _ = models[name]
+    want = generate(target, None, PROMPTS, 24)
+    got = servers[name].generate_many(PROMPTS, 24, concurrency=concurrency, ignore_eos=True)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g["output_ids"] == w.output_ids, f"{name} prompt {i}"
+
+
+@pytest.fixture(scope="module")
+def small_vocab_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vocab8")
+    V = 8
+    target = make_target(vocab=V, seed=5)
+    with torch.no_grad():
+        target.get_input_embeddings().weight.div_(10)  # flatter: several likely tokens per step
+    drafter = make_drafter(target, block_size=4, mask_token_id=V - 1, seed=6)
+    target.save_pretrained(root / "target")
+    drafter.save_pretrained(root / "draft")
+    server = Server(root / "target", root / "draft", "--skip-tokenizer-init").wait_ready()
+    yield target, server
+    server.stop()
+
+
+def test_sampling_matches_target_distribution(small_vocab_server):
+    """Joint distribution of the first two sampled tokens from the DFLASH server against the exact target
+    probabilities (temperature 1, top-k 6), chi-square; drafts must be accepted often enough to matter."""
+    from scipy.stats import chisquare
+
+    target, server = small_vocab_server
+    V, prompt = 8, [1, 2, 3]
+    params = SamplingParams(temperature=1.0, top_k=6)
+    with torch.no_grad():
+        p1 = probs_for(target(torch.tensor([prompt])).logits[0, -1:], params)[0]
+        joint = torch.zeros(V, V)
+        for a in range(V):
+            if p1[a] > 0:
+                joint[a] = p1[a] * probs_for(target(torch.tensor([prompt + [a]])).logits[0, -1:], params)[0]
+    n = 1200
+    outs = server.generate_many([prompt] * n, 3, concurrency=16, temperature=1.0, top_k=6, ignore_eos=True)
+    counts = torch.zeros(V, V)
+    for o in outs:
+        counts[o["output_ids"][0], o["output_ids"][1]] += 1
+    accepted = sum(o["meta_info"]["spec_num_correct_drafts"] for o in outs)
+    assert accepted > n // 10, f"only {accepted} drafts accepted in {n} requests"
+    assert counts.flatten()[joint.flatten() == 0].sum() == 0, "a token of probability 0 was sampled"
+    keep = joint.flatten() > 1e-3
+    obs = counts.flatten()[keep]
+    exp = joint.flatten()[keep] / joint.flatten()[keep].sum() * obs.sum()
+    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
