@@ -14,9 +14,9 @@ setup(
     python_requires=">=3.10",
     package_dir={"": "python"},
     packages=find_packages("python"),
-    package_data={"sglang_dflash": ["assets/tiny_pair/*.json", "assets/tiny_pair/*/*"]},
+    package_data={"sglang_dflash": ["assets/*.json", "assets/tiny_pair/*.json", "assets/tiny_pair/*/*"]},
     install_requires=["sglang==0.5.23", "safetensors", "tqdm"],
-    extras_require={"test": ["pytest", "scipy", "openai", "ruff", "tokenizers"]},
+    extras_require={"test": ["pytest", "scipy", "openai", "ruff", "tokenizers", "matplotlib"]},
     entry_points={
         "sglang.srt.plugins": ["dflash = sglang_dflash.plugin:register"],
         "sglang.srt.platforms": ["dflash_cpu = sglang_dflash.srt.platform:activate"],

@@ -9,7 +9,6 @@ import pytest
 import torch
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
-
 from sglang_dflash.srt.attention import VerifyCapableTorchNativeBackend
 
 

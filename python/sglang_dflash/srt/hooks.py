@@ -14,7 +14,11 @@ process, before SGLang parses its arguments. Each hook says why it exists:
 4. Request check (REPLACE `sglang.srt.managers.scheduler.validate_dflash_request`, the function the
    scheduler calls for every DFLASH request): requests asking for what our worker does not serve yet
    (logprobs, penalties, constrained decoding, ...) are aborted with a message instead of half-served.
-5. KV-copy warm-up (AROUND `MHATokenToKVPool._init_kv_copy_and_warmup`): any speculative algorithm makes
+5. Scheduler mode (AROUND `sglang.srt.arg_groups.speculative_hook._handle_dflash`, SGLang's DFLASH argument
+   resolution): SGLang 0.5.23 overlaps speculative steps by default on GPU; our default is the synchronous
+   scheduler, and `SGLANG_ENABLE_DFLASH_SPEC_V2=1` (or `SGLANG_ENABLE_SPEC_V2=1`) keeps the overlap path on
+   (see `sglang_dflash.envs`).
+6. KV-copy warm-up (AROUND `MHATokenToKVPool._init_kv_copy_and_warmup`): any speculative algorithm makes
    SGLang warm up a Triton KV-copy kernel, which has no driver on a CPU-only machine; DFLASH never moves KV,
    so on CPU the warm-up is skipped (the copy config stays None, as it is for pools built without it).
 """
@@ -27,6 +31,7 @@ logger = logging.getLogger("sglang_dflash")
 
 WORKER_TARGET = "sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2"
 REQUEST_CHECK_TARGET = "sglang.srt.managers.scheduler.validate_dflash_request"
+ARGS_TARGET = "sglang.srt.arg_groups.speculative_hook._handle_dflash"
 KV_WARMUP_TARGET = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._init_kv_copy_and_warmup"
 
 
@@ -35,6 +40,17 @@ def _skip_kv_copy_warmup_on_cpu(original, pool, *args, **kwargs):
         pool._kv_copy_config = None
         return None
     return original(pool, *args, **kwargs)
+
+
+def _synchronous_unless_overlap_requested(original, server_args, *args, **kwargs):
+    from sglang.srt.arg_groups.overrides import declare_resolution
+
+    from ..envs import overlap_requested
+
+    result = original(server_args, *args, **kwargs)
+    if not overlap_requested():
+        declare_resolution(server_args, "sglang_dflash", disable_overlap_schedule=True)
+    return result
 
 
 def _create_torch_native_backend(runner):
@@ -53,6 +69,7 @@ def install() -> None:
 
     HookRegistry.register(WORKER_TARGET, DFlashWorker, HookType.REPLACE)
     HookRegistry.register(REQUEST_CHECK_TARGET, validate_request, HookType.REPLACE)
+    HookRegistry.register(ARGS_TARGET, _synchronous_unless_overlap_requested, HookType.AROUND)
     HookRegistry.register(KV_WARMUP_TARGET, _skip_kv_copy_warmup_on_cpu, HookType.AROUND)
     ModelRegistry.register("sglang_dflash.srt.models", overwrite=True, strict=True)
     register_attention_backend("torch_native")(_create_torch_native_backend)

@@ -46,5 +46,3 @@ class DFlashCpuPlatform(CpuSRTPlatform):
         if server_args.sampling_backend is None:
             server_args.sampling_backend = "pytorch"
         server_args.disable_cuda_graph = True
-        if server_args.speculative_algorithm is not None:
-            server_args.disable_overlap_schedule = True

@@ -23,9 +23,10 @@ from sglang.srt.managers.utils import GenerationBatchResult
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
-from .. import __version__
+from .. import __version__, envs
 from . import stages
 from .spec_inputs import BlockForwardInput, DFlashDraftInput
+from .timing import StepTimer
 
 logger = logging.getLogger("sglang_dflash")
 
@@ -66,6 +67,7 @@ class DFlashWorker(BaseSpecWorker):
         stages.check_pair(self.drafter, self.target_model, target_runner, self.block_size)
         self.drafter.attach_target(self.target_model)
         self.mask_token_id = self.drafter.cfg.mask_token_id
+        self.timer = StepTimer(envs.timing_enabled(), self.device)
         logger.info("sglang-dflash %s: DFLASH worker active (block size %d, drafter layers %d, target layers %s)",
                     __version__, self.block_size, self.drafter.cfg.num_hidden_layers,
                     list(self.drafter.cfg.target_layer_ids))
@@ -105,30 +107,37 @@ class DFlashWorker(BaseSpecWorker):
         return res
 
     def _decode(self, batch, on_publish) -> GenerationBatchResult:
-        B = self.block_size
+        B, timer = self.block_size, self.timer
+        timer.begin_step()
         anchor = batch.spec_info.bonus_tokens  # [bs]: last step's bonus, position L
         block = stages.block_layout(batch, B)  # positions and KV slots of [L, L+B) per request
-        drafts, draft_probs = self._draft(batch, block, anchor)
+        with timer.stage("draft"):
+            drafts, draft_probs = self._draft(batch, block, anchor)
         verify_ids = torch.cat([anchor[:, None], drafts], dim=1)  # [bs, B]
-        logits, target_hidden = self._verify(batch, block, verify_ids)
-        accept_len, bonus = stages.accept(verify_ids, logits, draft_probs, batch.sampling_info)
-        # commit: drafter context for the block rows (rows past the commit length are overwritten by the
-        # next block before they are read), then the lengths and the committed run.
-        stages.write_context(self.drafter, self.draft_runner, target_hidden, block.positions.flatten(),
-                             block.slots.flatten())
-        commit_len = accept_len + 1
-        new_seq_lens = batch.seq_lens + commit_len
-        if on_publish is not None:
-            on_publish(new_seq_lens)
-        return GenerationBatchResult(
-            logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=None),
-            next_token_ids=stages.committed_tokens(drafts, accept_len, bonus).flatten(),
-            accept_lens=commit_len,
-            new_seq_lens=new_seq_lens,
-            next_draft_input=DFlashDraftInput(bonus_tokens=bonus, block_size=B),
-            speculative_num_draft_tokens=B,
-            can_run_cuda_graph=False,
-        )
+        with timer.stage("verify"):
+            logits, target_hidden = self._verify(batch, block, verify_ids)
+        with timer.stage("accept"):
+            accept_len, bonus = stages.accept(verify_ids, logits, draft_probs, batch.sampling_info)
+        with timer.stage("commit"):
+            # drafter context for the block rows (rows past the commit length are overwritten by the
+            # next block before anything reads them), then the lengths and the committed run.
+            stages.write_context(self.drafter, self.draft_runner, target_hidden, block.positions.flatten(),
+                                 block.slots.flatten())
+            commit_len = accept_len + 1
+            new_seq_lens = batch.seq_lens + commit_len
+            if on_publish is not None:
+                on_publish(new_seq_lens)
+            result = GenerationBatchResult(
+                logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=None),
+                next_token_ids=stages.committed_tokens(drafts, accept_len, bonus).flatten(),
+                accept_lens=commit_len,
+                new_seq_lens=new_seq_lens,
+                next_draft_input=DFlashDraftInput(bonus_tokens=bonus, block_size=B),
+                speculative_num_draft_tokens=B,
+                can_run_cuda_graph=False,
+            )
+        timer.end_step()
+        return result
 
     def _draft(self, batch, block, anchor):
         """-> drafts [bs, B-1] int64, draft_probs [bs, B-1, V] or None when every request is greedy."""

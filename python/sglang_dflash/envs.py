@@ -1,0 +1,31 @@
+"""Every environment variable sglang-dflash reads, in one place.
+
+SGLANG_ENABLE_DFLASH_SPEC_V2=1 (or SGLANG_ENABLE_SPEC_V2=1): serve DFLASH with SGLang's overlap scheduler
+    (the V2 path: the scheduler prepares the next batch while this one runs; bonus tokens and lengths
+    travel through its FutureMap). Off by default: DFLASH runs the synchronous scheduler.
+    SGLANG_ENABLE_OVERLAP_PLAN_STREAM=1 is read by SGLang itself (plan stream for decode preparation).
+    SGLang 0.5.23 never overlaps speculative decoding on CPU (it forces the synchronous scheduler there).
+SGLANG_DFLASH_TIMING=1: time the stages of every decode step (draft, verify, accept, commit) and log a
+    summary every 50 steps; off by default (it synchronises the device after each stage).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name}={os.environ[name]!r}: expected 1/0, true/false, yes/no or on/off")
+
+
+def overlap_requested() -> bool:
+    return _flag("SGLANG_ENABLE_DFLASH_SPEC_V2") or _flag("SGLANG_ENABLE_SPEC_V2")
+
+
+def timing_enabled() -> bool:
+    return _flag("SGLANG_DFLASH_TIMING")

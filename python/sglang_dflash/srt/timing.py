@@ -1,0 +1,62 @@
+"""Where a decode step's time goes (SGLANG_DFLASH_TIMING=1; off by default).
+
+Stages: draft (drafter forward + draft tokens), verify (target forward), accept, commit (drafter context
+K/V + result), and scheduler (time outside our worker between two decode steps: batch preparation, slot
+reservation, result processing, detokenisation hand-off). With timing on, the device is synchronised at
+each stage boundary, so the split is honest but the step is slightly slower than untimed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+
+import torch
+
+logger = logging.getLogger("sglang_dflash")
+STAGES = ("draft", "verify", "accept", "commit", "scheduler")
+
+
+class StepTimer:
+    def __init__(self, enabled: bool, device: str, report_every: int = 50) -> None:
+        self.enabled = enabled
+        self.cuda = str(device).startswith("cuda")
+        self.report_every = report_every
+        self.totals = dict.fromkeys(STAGES, 0.0)
+        self.steps = 0
+        self._last_end: float | None = None
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def begin_step(self) -> None:
+        if not self.enabled:
+            return
+        now = self._now()
+        if self._last_end is not None:
+            self.totals["scheduler"] += now - self._last_end
+
+    @contextmanager
+    def stage(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        t0 = self._now()
+        yield
+        self.totals[name] += self._now() - t0
+
+    def end_step(self) -> None:
+        if not self.enabled:
+            return
+        self._last_end = self._now()
+        self.steps += 1
+        if self.steps % self.report_every == 0:
+            logger.info("sglang-dflash step timing: %s", self.summary())
+
+    def summary(self) -> str:
+        total = sum(self.totals.values()) or 1.0
+        parts = [f"{k} {1000 * v / self.steps:.2f} ms ({100 * v / total:.0f}%)" for k, v in self.totals.items()]
+        return f"{self.steps} steps, per step: " + ", ".join(parts)
