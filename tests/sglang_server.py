@@ -18,6 +18,13 @@ from pathlib import Path
 STARTUP_TIMEOUT_S = 240
 
 
+def _body(raw: bytes):
+    try:
+        return json.loads(raw or b"{}")
+    except json.JSONDecodeError:
+        return {"text": raw.decode(errors="replace")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -30,7 +37,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--port", str(self.port),
                "--host", "127.0.0.1", "--dtype", "float32", "--max-total-tokens", "8192", "--skip-server-warmup",
-               "--random-seed", "0", *extra]
+               "--random-seed", "0", "--sleep-on-idle", *extra]
         if draft is not None:
             cmd += ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", str(draft)]
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="sglang-", suffix=".log", delete=False)
@@ -68,9 +75,9 @@ class Server:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.loads(r.read())
+                return r.status, _body(r.read())
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            return e.code, _body(e.read())
 
     def generate(self, input_ids: list[int], max_new_tokens: int, **sampling) -> dict:
         status, out = self.post("/generate", {

@@ -53,15 +53,11 @@ def test_greedy_batch1_equals_baseline_and_reference(servers, prompts, oracle):
         assert meta["spec_verify_ct"] == len(r.accepted_drafts), f"prompt {i}"
         hist = meta["spec_correct_drafts_histogram"]
         assert Counter({k: v for k, v in enumerate(hist) if v}) == Counter(r.accepted_drafts), f"prompt {i}"
-
-
-def test_mean_acceptance_above_two(servers, prompts):
-    dflash, _ = servers
-    out = dflash.generate_many(prompts, MAX_NEW, concurrency=4, ignore_eos=True)
-    steps = sum(o["meta_info"]["spec_verify_ct"] for o in out)
-    produced = sum(len(o["output_ids"]) - 1 for o in out)  # the first token comes from prefill
+    # real multi-token acceptance: mean tokens per verify step above 2
+    steps = sum(o["meta_info"]["spec_verify_ct"] for o in got)
+    produced = sum(len(o["output_ids"]) - 1 for o in got)  # the first token comes from prefill
     assert produced / steps > 2.0
-    assert all(o["meta_info"]["spec_accept_length"] > 1 for o in out)
+    assert all(o["meta_info"]["spec_accept_length"] > 1 for o in got)
 
 
 def test_greedy_batch8_equals_reference(servers, prompts, oracle):
@@ -91,7 +87,7 @@ def test_stop_and_max_new_tokens(servers, oracle, prompts):
     r = oracle[0]
     stop = r.output_ids[5]
     cut = r.output_ids.index(stop) + 1
-    out = dflash.generate(prompts[0], MAX_NEW, stop_token_ids=[stop], ignore_eos=True)
+    out = dflash.generate(prompts[0], MAX_NEW, stop_token_ids=[stop])  # (ignore_eos would ignore it too)
     assert out["output_ids"] == r.output_ids[:cut]
     for n in (1, 2, 5, 17):
         out = dflash.generate(prompts[0], n, ignore_eos=True)

@@ -27,6 +27,11 @@ def activate() -> str | None:
 class DFlashCpuPlatform(CpuSRTPlatform):
     _enum = PlatformEnum.OOT
 
+    def get_device(self, device_id: int = 0) -> str:
+        # A string, not torch.device: SGLang 0.5.23 fills a missing --device with this value and then
+        # calls .split(":") on it (arg_groups/serving_hook.py, handle_missing_default_values).
+        return "cpu"
+
     def get_default_attention_backend(self) -> str:
         return "torch_native"
 
