@@ -48,7 +48,7 @@ CASES = {
     "last_target_layer": (_set(("dflash_config", "target_layer_ids"), [0, 2]), ["target_layer_ids", "< 2"]),
     "mask_outside_vocab": (_set(("dflash_config", "mask_token_id"), 500), ["mask_token_id=500", "[0, 64)"]),
     "hidden_mismatch": (_set(("hidden_size",), 48), ["hidden_size=48", "hidden_size=32"]),
-    "corrupt_weights": (_corrupt, ["DFlash", "model.safetensors"]),
+    "corrupt_weights": (_corrupt, ["DFlash drafter: cannot read the weights", "corrupt_weights"]),
 }
 
 
@@ -74,4 +74,4 @@ def test_missing_draft_directory(good):
 
 def test_block_size_below_two(good):
     _refused(Server(good / "target", good / "draft", "--skip-tokenizer-init", "--speculative-num-draft-tokens", "1"),
-             ["1"])
+             ["block_size=1", ">= 2"])

@@ -82,22 +82,24 @@ def committed_tokens(drafts: torch.Tensor, accept_len: torch.Tensor, bonus: torc
     return out.scatter(1, accept_len[:, None], bonus[:, None])
 
 
-def check_pair(drafter, target_model, target_runner, block_size: int) -> None:
+def check_config(draft_hf_config, target_hf_config, block_size: int) -> None:
     """Refuse to start on a drafter that does not fit the target; each error names the bad value."""
-    cfg = drafter.cfg
-    tcfg = target_runner.model_config.hf_config
-    cfg.validate_against_target(tcfg)
-    n_layers = tcfg.num_hidden_layers
+    from ..config import DFlashConfig
+
+    cfg = DFlashConfig.from_dict(draft_hf_config.to_dict(), block_size=block_size)
+    cfg.validate_against_target(target_hf_config)
+    n_layers = target_hf_config.num_hidden_layers
     last = max(cfg.target_layer_ids)
     if last >= n_layers - 1:
         raise ValueError(
             f"DFlash drafter: target_layer_ids={list(cfg.target_layer_ids)} holds {last}, the target's last layer; "
             f"SGLang captures a layer's output as the next layer's input, so ids must be < {n_layers - 1}"
         )
+
+
+def check_target(target_model) -> None:
     if not hasattr(target_model, "set_dflash_layers_to_capture"):
         raise ValueError(
             f"DFlash: target model class {type(target_model).__name__} cannot capture hidden states "
             "(it has no set_dflash_layers_to_capture); use a target such as Qwen3 or Llama"
         )
-    if block_size < 2:
-        raise ValueError(f"DFlash: --speculative-num-draft-tokens={block_size}, expected a block size >= 2")

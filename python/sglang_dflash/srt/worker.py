@@ -46,6 +46,9 @@ class DFlashWorker(BaseSpecWorker):
         spec = get_spec()  # the resolved speculative arguments (SGLang infers B from the drafter config)
         self.block_size = int(spec.speculative_num_draft_tokens)
         self.speculative_num_draft_tokens = self.block_size
+        # the drafter's config against the target's, before any drafter weight is read
+        stages.check_config(target_runner.spec_aux_config.draft_model_config.hf_config,
+                            target_runner.model_config.hf_config, self.block_size)
         self.draft_parallel_layout = resolve_draft_parallel_layout(
             model_draft_parallel_spec(target_runner.spec_aux_config.draft_model_config,
                                       spec_algorithm=target_runner.spec_algorithm),
@@ -64,7 +67,7 @@ class DFlashWorker(BaseSpecWorker):
         self.draft_runner = draft.model_runner
         self.drafter = self.draft_runner.model
         self.target_model = target_runner.model
-        stages.check_pair(self.drafter, self.target_model, target_runner, self.block_size)
+        stages.check_target(self.target_model)
         self.drafter.attach_target(self.target_model)
         self.mask_token_id = self.drafter.cfg.mask_token_id
         self.timer = StepTimer(envs.timing_enabled(), self.device)

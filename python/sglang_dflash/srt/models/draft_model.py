@@ -47,8 +47,12 @@ class DFlashDraftModel(nn.Module):
         self._target = [target_model]  # a list: not a submodule, so no weights are loaded or owned
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """drafter hidden [..., H] -> logits [..., V] float32 through the target's lm_head."""
-        head = self._target[0].lm_head.weight
+        """drafter hidden [..., H] -> logits [..., V] float32 through the target's lm_head.
+
+        SGLang pads the lm_head's rows to a multiple of 64; the padding rows are cut off, as SGLang's own
+        LogitsProcessor does, so no draft can name a token outside the vocabulary."""
+        target = self._target[0]
+        head = target.lm_head.weight[: target.config.vocab_size]
         return torch.nn.functional.linear(hidden.to(head.dtype), head).float()
 
     # -- context: target hidden states -> drafter K/V (written by the worker) -----------------
@@ -96,7 +100,7 @@ class DFlashDraftModel(nn.Module):
         own = self.drafter.state_dict()
         seen = set()
         unexpected = []
-        for name, tensor in weights:
+        for name, tensor in _reading(weights, getattr(self.config, "_name_or_path", "?")):
             name = name.removeprefix("model.")
             if name not in own:
                 unexpected.append(name)
@@ -110,6 +114,19 @@ class DFlashDraftModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"DFlash drafter checkpoint does not match its config: missing tensors {missing}, "
                              f"unexpected tensors {sorted(unexpected)}")
+
+
+def _reading(weights: Iterable[tuple[str, torch.Tensor]], where: str):
+    """SGLang's loader reads the files lazily while we iterate; say which checkpoint failed to read."""
+    it = iter(weights)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # safetensors / torch raise their own types for corrupt files
+            raise ValueError(f"DFlash drafter: cannot read the weights in {where!r} ({type(e).__name__}: {e})") from e
+        yield item
 
 
 EntryClass = DFlashDraftModel
