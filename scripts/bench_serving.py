@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="per level (default: max(16, 2 x concurrency))")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--out", default="docs/bench_serving")
+    ap.add_argument("--baseline-max-new-tokens", type=int, default=None,
+                    help="testing only: a different length for the baseline, to see the equality check fail")
     ap.add_argument("server_args", nargs="*", help="extra SGLang server arguments (after --)")
     args = ap.parse_args(argv)
     from tqdm import tqdm
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             row = {"concurrency": c}
             for name, s in (("baseline", base), ("dflash", spec)):
                 bar.set_postfix(side=name, concurrency=c)
-                row[name] = run_level(s, prompts, args.max_new_tokens, c, bar)
+                n = args.baseline_max_new_tokens if name == "baseline" and args.baseline_max_new_tokens else None
+                row[name] = run_level(s, prompts, n or args.max_new_tokens, c, bar)
             outs_b, outs_d = row["baseline"].pop("_outputs"), row["dflash"].pop("_outputs")
             bad = sum(a != b for a, b in zip(outs_b, outs_d))
             row["identical_outputs"] = f"{len(outs_b) - bad}/{len(outs_b)}"

@@ -1,12 +1,12 @@
-"""The main job: DFlash on a model pair, checked against the target alone, with its speed.
+"""The main job: an SGLang server with DFLASH, chat prompts streamed through the OpenAI client, then the
+same prompts without speculation, and the speed-up.
 
-    python -m sglang_dflash.demo                       # the bundled tiny pair on CPU
-    python -m sglang_dflash.demo --model DIR --draft DIR [--max-new-tokens 128] [--device cuda]
+    python -m sglang_dflash.demo                                  # the bundled tiny pair, on CPU
+    python -m sglang_dflash.demo --model Qwen/Qwen3-4B --draft z-lab/Qwen3-4B-DFlash-b16 -- --attention-backend fa3
 
-For a few chat prompts it prints the answer, then per prompt: tokens, acceptance length (tokens per
-decode step), tokens/s with DFlash and with the target alone, and whether both outputs are identical.
-It runs the reference loop (`sglang_dflash.reference`); the SGLang server path is `launch_server
---speculative-algorithm DFLASH` once the worker lands (see README).
+Per request it prints the streamed answer, then: tokens, acceptance length (tokens per verify step, from
+SGLang's spec details), tokens/s; the speculation-off pass checks the greedy answers are identical.
+Arguments after `--` go to both SGLang servers unchanged.
 """
 
 from __future__ import annotations
@@ -16,78 +16,109 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .assets import tiny_pair
-from .reference import default_stop_ids, generate, load_pair
+from .server import Server
 
 PROMPTS = [
     "def read_config(path):",
     "class LRUCache:\n    def __init__(self, capacity):",
     "import os\nfor root, dirs, files in os.walk(top):",
     "Write a function that parses an HTTP header line.",
+    "Explain what a context manager is.",
 ]
+
+
+def _check_model_arg(name: str, value: str) -> str | None:
+    """A local directory must hold a config.json; anything else is left to SGLang (a hub id on a GPU box)."""
+    p = Path(value)
+    if p.exists() and not (p / "config.json").is_file():
+        return f"{name} {value!r}: no config.json in that directory (expected a model directory)"
+    if not p.exists() and (value.startswith((".", "/")) or value.count("/") != 1):
+        return f"{name} {value!r}: no such directory (expected a local model directory or a hub id org/name)"
+    return None
+
+
+def chat(server: Server, prompt: str, max_new: int, echo: bool) -> dict:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    t0 = time.perf_counter()
+    stream = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": prompt}], max_tokens=max_new, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"return_spec_tokens_details": True})
+    text, usage, spec = [], None, None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            piece = chunk.choices[0].delta.content
+            text.append(piece)
+            if echo:
+                print(piece, end="", flush=True)
+        if getattr(chunk, "usage", None):
+            usage = chunk.usage
+        ext = (chunk.model_extra or {}).get("sglext") if hasattr(chunk, "model_extra") else None
+        if ext and ext.get("spec_tokens_details"):
+            spec = ext["spec_tokens_details"]
+            spec = spec[0] if isinstance(spec, list) else spec
+    elapsed = time.perf_counter() - t0
+    if echo:
+        print()
+    tokens = usage.completion_tokens if usage else len(text)
+    return {"text": "".join(text), "tokens": tokens, "seconds": elapsed, "spec": spec}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sglang_dflash.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="target model directory (default: the bundled tiny target)")
-    ap.add_argument("--draft", default=None, help="DFlash drafter directory (default: the bundled drafter)")
+    ap.add_argument("--model", default=None, help="target model (default: the bundled tiny target)")
+    ap.add_argument("--draft", default=None, help="DFlash drafter (default: the bundled drafter)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} prompts")
+    ap.add_argument("server_args", nargs="*", help="extra SGLang server arguments (after --)")
     args = ap.parse_args(argv)
     if (args.model is None) != (args.draft is None):
         ap.error("give both --model and --draft, or neither (the bundled pair)")
-    torch.set_num_threads(args.threads)
-    t_dir, d_dir = (Path(args.model), Path(args.draft)) if args.model else tiny_pair()
-    for name, d in (("--model", t_dir), ("--draft", d_dir)):
-        if not (d / "config.json").is_file():
-            ap.error(f"{name} {str(d)!r}: no config.json there (expected a model directory)")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(t_dir)
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    if args.model is None:
+        model, draft = (str(p) for p in tiny_pair())
+        extra = ["--dtype", "float32", *args.server_args]
+    else:
+        for name, value in (("--model", args.model), ("--draft", args.draft)):
+            problem = _check_model_arg(name, value)
+            if problem:
+                ap.error(problem)
+        model, draft, extra = args.model, args.draft, list(args.server_args)
+    prompts = PROMPTS[: max(1, args.prompts)]
+    print(f"starting SGLang: target {model}, DFLASH drafter {draft} (and a second server without speculation)")
+    spec_server, plain_server = Server(model, draft, *extra), Server(model, None, *extra)
     try:
-        target, drafter = load_pair(t_dir, d_dir, device=args.device, dtype=dtype)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    stop = default_stop_ids(target)
-    print(f"target {t_dir} | drafter {d_dir} (block {drafter.cfg.block_size}, "
-          f"layers {drafter.cfg.num_hidden_layers}) | device {args.device}\n")
-    generate(target, drafter, [[1, 2, 3]], 4)  # warm-up
-    totals = {"dflash": [0, 0.0], "target": [0, 0.0]}
-    all_steps: list[int] = []
-    for text in PROMPTS[: args.prompts]:
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                      tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        t0 = time.perf_counter()
-        spec = generate(target, drafter, [ids], args.max_new_tokens, stop_ids=stop)[0]
-        t1 = time.perf_counter()
-        plain = generate(target, None, [ids], args.max_new_tokens, stop_ids=stop)[0]
-        t2 = time.perf_counter()
-        n = len(spec.output_ids)
-        tau = (n - 1) / max(1, len(spec.accept_lengths))
-        all_steps += spec.accept_lengths
-        totals["dflash"][0] += n
-        totals["dflash"][1] += t1 - t0
-        totals["target"][0] += len(plain.output_ids)
-        totals["target"][1] += t2 - t1
-        print(f">>> {text}")
-        print(tok.decode(spec.output_ids, skip_special_tokens=True).rstrip())
-        print(f"--- {n} tokens | acceptance length {tau:.2f} | DFlash {n / (t1 - t0):.0f} tok/s | "
-              f"target-only {len(plain.output_ids) / (t2 - t1):.0f} tok/s | "
-              f"identical: {'yes' if spec.output_ids == plain.output_ids else 'NO'}\n")
-    d_tps = totals["dflash"][0] / totals["dflash"][1]
-    t_tps = totals["target"][0] / totals["target"][1]
-    mean_tau = sum(all_steps) / max(1, len(all_steps))
-    print(f"overall: acceptance length {mean_tau:.2f} | DFlash {d_tps:.0f} tok/s | target-only {t_tps:.0f} tok/s"
-          f" | speed-up {d_tps / t_tps:.2f}x")
-    return 0
+        for s in (spec_server, plain_server):
+            try:
+                s.wait_ready()
+            except RuntimeError as e:
+                last = [line for line in str(e).splitlines() if "Error" in line or "error" in line]
+                print(f"error: the SGLang server did not start: {last[-1] if last else str(e)[-500:]}",
+                      file=sys.stderr)
+                return 2
+        chat(spec_server, "warm up", 4, echo=False)
+        chat(plain_server, "warm up", 4, echo=False)
+        spec_runs = []
+        for prompt in prompts:
+            print(f"\n>>> {prompt}")
+            r = chat(spec_server, prompt, args.max_new_tokens, echo=True)
+            tau = r["spec"]["spec_accept_length"] if r["spec"] else float("nan")
+            print(f"--- {r['tokens']} tokens | acceptance length {tau:.2f} | {r['tokens'] / r['seconds']:.1f} tok/s")
+            spec_runs.append(r)
+        plain_runs = [chat(plain_server, p, args.max_new_tokens, echo=False) for p in prompts]
+    finally:
+        spec_server.stop()
+        plain_server.stop()
+    same = sum(a["text"] == b["text"] for a, b in zip(spec_runs, plain_runs))
+    spec_tps = sum(r["tokens"] for r in spec_runs) / sum(r["seconds"] for r in spec_runs)
+    plain_tps = sum(r["tokens"] for r in plain_runs) / sum(r["seconds"] for r in plain_runs)
+    verify = sum(r["spec"]["spec_verify_ct"] for r in spec_runs if r["spec"])
+    tau = sum(r["tokens"] for r in spec_runs) / verify if verify else float("nan")
+    print(f"\nDFLASH: {spec_tps:.1f} tok/s, acceptance length {tau:.2f} | no speculation: {plain_tps:.1f} tok/s | "
+          f"speed-up {spec_tps / plain_tps:.2f}x | identical answers: {same}/{len(prompts)}")
+    return 0 if same == len(prompts) else 1
 
 
 if __name__ == "__main__":
