@@ -95,6 +95,13 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
+def last_step_timing(server: Server, since: int) -> str | None:
+    """The worker's split of its last 50 decode steps (logged with SGLANG_DFLASH_TIMING=1), looking only
+    at the log written after offset `since`."""
+    lines = [line for line in server.log()[since:].splitlines() if "sglang-dflash step timing" in line]
+    return lines[-1].split("step timing: ", 1)[1] if lines else None
+
+
 def load_prompts(target_dir: Path, n: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
@@ -139,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="per level (default: max(16, 2 x concurrency))")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--out", default="docs/bench_serving")
+    ap.add_argument("--timing", action="store_true",
+                    help="run the DFLASH server with SGLANG_DFLASH_TIMING=1 and report its step split per level")
     ap.add_argument("--baseline-max-new-tokens", type=int, default=None,
                     help="testing only: a different length for the baseline, to see the equality check fail")
     ap.add_argument("server_args", nargs="*", help="extra SGLang server arguments (after --)")
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     t_dir, d_dir = (Path(args.model), Path(args.draft)) if args.model else tiny_pair()
     levels = [int(c) for c in args.concurrency.split(",")]
     base = Server(t_dir, None, *args.server_args)
-    spec = Server(t_dir, d_dir, *args.server_args)
+    spec = Server(t_dir, d_dir, *args.server_args, env={"SGLANG_DFLASH_TIMING": "1"} if args.timing else None)
     start_all(base, spec)
     results, mismatches = [], 0
     try:
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in levels:
             prompts = load_prompts(t_dir, args.requests or max(16, 2 * c))
             row = {"concurrency": c}
+            log_start = len(spec.log())
             for name, s in (("baseline", base), ("dflash", spec)):
                 bar.set_postfix(side=name, concurrency=c)
                 n = args.baseline_max_new_tokens if name == "baseline" and args.baseline_max_new_tokens else None
@@ -169,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             row["identical_outputs"] = f"{len(outs_b) - bad}/{len(outs_b)}"
             mismatches += bad
             row["ratio"] = round(row["dflash"]["output_tok_s"] / row["baseline"]["output_tok_s"], 3)
+            if args.timing:
+                row["dflash"]["step_timing"] = last_step_timing(spec, log_start)
             results.append(row)
         bar.close()
     finally:
@@ -194,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         hist.update({int(k): v for k, v in r["dflash"].get("accept_length_histogram", {}).items()})
     lines.append("\nDFLASH accept length histogram (tokens per step: steps), all levels: "
                  + ", ".join(f"{k}: {v}" for k, v in sorted(hist.items())))
+    for r in results:
+        if r["dflash"].get("step_timing"):
+            lines.append(f"\nDFLASH step split at concurrency {r['concurrency']}: {r['dflash']['step_timing']}")
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(f"Command: `{meta['command']}` ({meta['date']})\n\n{table}\n")
     plot(results, out.with_suffix(".png"))

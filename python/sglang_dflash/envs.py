@@ -5,8 +5,8 @@ SGLANG_ENABLE_DFLASH_SPEC_V2=1 (or SGLANG_ENABLE_SPEC_V2=1): serve DFLASH with S
     travel through its FutureMap). Off by default: DFLASH runs the synchronous scheduler.
     SGLANG_ENABLE_OVERLAP_PLAN_STREAM=1 is read by SGLang itself (plan stream for decode preparation).
     SGLang 0.5.23 never overlaps speculative decoding on CPU (it forces the synchronous scheduler there).
-SGLANG_DFLASH_TIMING=1: time the stages of every decode step (draft, verify, accept, commit) and log a
-    summary every 50 steps; off by default (it synchronises the device after each stage).
+SGLANG_DFLASH_TIMING=1: time the stages of every decode step (draft, verify, accept, commit) and log the
+    split of every 50 steps; off by default (it synchronises the device after each stage).
 """
 
 from __future__ import annotations

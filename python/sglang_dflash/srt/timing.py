@@ -1,8 +1,9 @@
 """Where a decode step's time goes (SGLANG_DFLASH_TIMING=1; off by default).
 
 Stages: draft (drafter forward + draft tokens), verify (target forward), accept, commit (drafter context
-K/V + result), and scheduler (time outside our worker between two decode steps: batch preparation, slot
-reservation, result processing, detokenisation hand-off). With timing on, the device is synchronised at
+K/V + result), prefill (prefill batches run between two decode steps, drafter context included), and
+scheduler (the rest of the time between two decode steps: batch preparation, slot reservation, result
+processing, detokenisation hand-off). With timing on, the device is synchronised at
 each stage boundary, so the split is honest but the step is slightly slower than untimed.
 """
 
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 import torch
 
 logger = logging.getLogger("sglang_dflash")
-STAGES = ("draft", "verify", "accept", "commit", "scheduler")
+STAGES = ("draft", "verify", "accept", "commit", "prefill", "scheduler")
 
 
 class StepTimer:
@@ -26,6 +27,7 @@ class StepTimer:
         self.totals = dict.fromkeys(STAGES, 0.0)
         self.steps = 0
         self._last_end: float | None = None
+        self._prefill_since_last = 0.0
 
     def _now(self) -> float:
         if self.cuda:
@@ -37,7 +39,8 @@ class StepTimer:
             return
         now = self._now()
         if self._last_end is not None:
-            self.totals["scheduler"] += now - self._last_end
+            self.totals["scheduler"] += now - self._last_end - self._prefill_since_last
+        self._prefill_since_last = 0.0
 
     @contextmanager
     def stage(self, name: str):
@@ -46,15 +49,20 @@ class StepTimer:
             return
         t0 = self._now()
         yield
-        self.totals[name] += self._now() - t0
+        dt = self._now() - t0
+        self.totals[name] += dt
+        if name == "prefill":
+            self._prefill_since_last += dt
 
     def end_step(self) -> None:
         if not self.enabled:
             return
         self._last_end = self._now()
         self.steps += 1
-        if self.steps % self.report_every == 0:
+        if self.steps == self.report_every:  # one line per window of `report_every` steps, then start over
             logger.info("sglang-dflash step timing: %s", self.summary())
+            self.totals = dict.fromkeys(STAGES, 0.0)
+            self.steps = 0
 
     def summary(self) -> str:
         total = sum(self.totals.values()) or 1.0

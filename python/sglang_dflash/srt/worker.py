@@ -90,7 +90,8 @@ class DFlashWorker(BaseSpecWorker):
     # -- the step ---------------------------------------------------------------------------------
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None):
         if batch.forward_mode.is_extend():
-            return self._prefill(batch, on_publish)
+            with self.timer.stage("prefill"):
+                return self._prefill(batch, on_publish)
         if batch.forward_mode.is_decode():
             return self._decode(batch, on_publish)
         raise NotImplementedError(f"sglang-dflash: forward mode {batch.forward_mode!r} is not supported")
