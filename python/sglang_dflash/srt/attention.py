@@ -2,8 +2,9 @@
 
 SGLang 0.5.23's `TorchNativeAttnBackend` handles EXTEND and DECODE only: in a TARGET_VERIFY forward
 `ForwardBatch.extend_prefix_lens` is None and `seq_lens` holds the committed prefix L_i, the GPU backends
-adding `spec_info.draft_token_num` (B) themselves. This subclass does the same: per request, the B block
-queries at positions L_i..L_i+B-1 attend to the request's first L_i + B keys,
+adding `spec_info.draft_token_num` (B) themselves. This subclass does the same, for the whole batch in one
+padded SDPA call: the B block queries of request i, at positions L_i..L_i+B-1, attend to the request's
+first L_i + B keys,
   - causally (key position <= query position) for the target's verify (a linear chain: plain causal
     attention is exact, no tree mask), and
   - all of them for the drafter's layers (`AttentionType.ENCODER_ONLY`: non-causal over context + block).
@@ -36,20 +37,23 @@ class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
         o_ = o.view(-1, nh, layer.v_head_dim)
         k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_buf = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        req_to_token = self.req_to_token_pool.req_to_token
-        # sync: host copies of the prefix lengths drive the per-request loop (CPU backend only)
-        prefix_cpu = fb.seq_lens.tolist()
-        rows_cpu = fb.req_pool_indices.tolist()
-        offs = torch.arange(B, device=q.device)
-        for i, (L, row) in enumerate(zip(prefix_cpu, rows_cpu)):
-            slots = req_to_token[row, : L + B].long()
-            key = k_buf[slots].transpose(0, 1).to(q.dtype)  # [nkv, L+B, hd]
-            val = v_buf[slots].transpose(0, 1).to(q.dtype)
-            query = q_[i * B : (i + 1) * B].transpose(0, 1)  # [nh, B, hd]
-            mask = None
-            if causal:  # query j sits at position L + j
-                mask = torch.arange(L + B, device=q.device)[None, :] <= (L + offs)[:, None]
-            out = scaled_dot_product_attention(query[None], key[None], val[None], attn_mask=mask,
-                                               scale=layer.scaling, enable_gqa=nh != nkv)
-            o_[i * B : (i + 1) * B] = out[0].transpose(0, 1)
+        # All requests in one padded SDPA call: keys [bs, nkv, T, hd] with T = max(L_i) + B.
+        prefix = fb.seq_lens.long()  # [bs] committed lengths L_i
+        bs = prefix.shape[0]
+        T = int(prefix.max()) + B  # sync: the padded key length (one scalar per layer call)
+        pos = torch.arange(T, device=q.device)
+        valid = pos[None, :] < (prefix + B)[:, None]  # [bs, T]
+        cols = pos.clamp(max=self.req_to_token_pool.req_to_token.shape[1] - 1)
+        slots = self.req_to_token_pool.req_to_token[fb.req_pool_indices.long()[:, None], cols[None, :]].long()
+        slots = torch.where(valid, slots, torch.zeros_like(slots))  # padding reads slot 0, then is zeroed
+        keep = valid[:, :, None, None]
+        key = torch.where(keep, k_buf[slots], 0).to(q.dtype).transpose(1, 2)  # [bs, nkv, T, hd]
+        val = torch.where(keep, v_buf[slots], 0).to(q.dtype).transpose(1, 2)
+        query = q_.view(bs, B, nh, hd).transpose(1, 2)  # [bs, nh, B, hd]
+        mask = valid[:, None, :].expand(bs, B, T)
+        if causal:  # query j of request i sits at position L_i + j
+            mask = mask & (pos[None, None, :] <= (prefix[:, None] + torch.arange(B, device=q.device))[:, :, None])
+        out = scaled_dot_product_attention(query, key, val, attn_mask=mask[:, None], scale=layer.scaling,
+                                           enable_gqa=nh != nkv)
+        o_.copy_(out.transpose(1, 2).reshape(bs * B, nh, layer.v_head_dim))
         return o
