@@ -3,8 +3,9 @@
 Stages: draft (drafter forward + draft tokens), verify (target forward), accept, commit (drafter context
 K/V + result), prefill (prefill batches run between two decode steps, drafter context included), and
 scheduler (the rest of the time between two decode steps: batch preparation, slot reservation, result
-processing, detokenisation hand-off). With timing on, the device is synchronised at
-each stage boundary, so the split is honest but the step is slightly slower than untimed.
+processing, detokenisation hand-off; a gap over IDLE_GAP_S is an idle server and is not counted).
+With timing on, the device is synchronised at each stage boundary: the split is honest, the step a
+little slower than untimed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 import torch
 
 logger = logging.getLogger("sglang_dflash")
+IDLE_GAP_S = 0.5
 STAGES = ("draft", "verify", "accept", "commit", "prefill", "scheduler")
 
 
@@ -38,8 +40,9 @@ class StepTimer:
         if not self.enabled:
             return
         now = self._now()
-        if self._last_end is not None:
-            self.totals["scheduler"] += now - self._last_end - self._prefill_since_last
+        gap = None if self._last_end is None else now - self._last_end - self._prefill_since_last
+        if gap is not None and gap < IDLE_GAP_S:  # a longer gap is an idle server, not overhead
+            self.totals["scheduler"] += gap
         self._prefill_since_last = 0.0
 
     @contextmanager
