@@ -1,6 +1,6 @@
 """The stages of one SGLang decode step, as functions of tensors and SGLang's batch objects.
 
-    block_layout -> propose (draft tokens) -> accept -> committed_tokens ; write_context (drafter K/V)
+    block_layout -> propose (draft tokens) -> accept (tokens to commit, new lengths) ; write_context (drafter K/V)
 
 Shapes: `bs` requests, `B` block size, `V` vocab, `H` hidden, `K*H` concatenated target features.
 """
@@ -9,22 +9,24 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import dflash_kernels
 import torch
 
-from ..accept import greedy_accept, sample_accept
+from ..accept import sample_accept
 from ..sampling import processed_probs
 
 
 class BlockLayout(NamedTuple):
+    ids: torch.Tensor  # [bs, B] int64: [bonus, MASK, ..., MASK]
     positions: torch.Tensor  # [bs, B] int64: L_i + j
     slots: torch.Tensor  # [bs, B] int64: KV slot ids req_to_token[row_i, L_i + j]
 
 
-def block_layout(batch, B: int) -> BlockLayout:
-    positions = batch.seq_lens[:, None].long() + torch.arange(B, device=batch.seq_lens.device)
-    rows = batch.req_pool_indices[:, None].expand_as(positions)
-    slots = batch.req_to_token_pool.req_to_token[rows, positions].long()
-    return BlockLayout(positions, slots)
+def block_layout(batch, bonus: torch.Tensor, mask_id: int, B: int) -> BlockLayout:
+    """The next block of every request (kernel `block_prep`)."""
+    prep = dflash_kernels.get("block_prep", bonus.device)
+    return BlockLayout(*prep(bonus, batch.seq_lens, batch.req_pool_indices, batch.req_to_token_pool.req_to_token,
+                             mask_id, B))
 
 
 def extend_positions(batch) -> torch.Tensor:
@@ -65,15 +67,25 @@ def propose(draft_logits: torch.Tensor, sampling_info) -> tuple[torch.Tensor, to
     return drafts, q.view(bs, n, V)
 
 
-def accept(verify_ids: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Tensor | None,
-           sampling_info) -> tuple[torch.Tensor, torch.Tensor]:
-    """verify_ids [bs, B], target logits [bs, B, V] -> accept_len [bs], bonus_token [bs] (int64)."""
-    if draft_probs is None:
-        return greedy_accept(verify_ids, logits.argmax(dim=-1))
+class Accepted(NamedTuple):
+    accept_len: torch.Tensor  # [bs] int64: drafts kept, 0..B-1
+    bonus: torch.Tensor  # [bs] int64
+    tokens: torch.Tensor  # [bs, B] int64: d1..d_a, bonus, then padding (the scheduler reads a+1)
+    new_seq_lens: torch.Tensor  # [bs] int64: L + a + 1
+
+
+def accept(verify_ids: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Tensor | None, seq_lens: torch.Tensor,
+           sampling_info) -> Accepted:
+    """verify_ids [bs, B], target logits [bs, B, V] -> what the step commits."""
+    if draft_probs is None:  # all greedy: kernel `greedy_accept`
+        greedy = dflash_kernels.get("greedy_accept", logits.device)
+        return Accepted(*greedy(verify_ids, logits.argmax(dim=-1), seq_lens))
     bs, B, V = logits.shape
     p = processed_probs(logits.reshape(bs * B, V), *_sampling_tensors(sampling_info, B, V)).view(bs, B, V)
     uniforms = torch.rand(bs, B - 1, device=logits.device)
-    return sample_accept(verify_ids, draft_probs, p, uniforms)
+    accept_len, bonus = sample_accept(verify_ids, draft_probs, p, uniforms)
+    tokens = committed_tokens(verify_ids[:, 1:], accept_len, bonus)
+    return Accepted(accept_len, bonus, tokens, seq_lens.long() + accept_len + 1)
 
 
 def committed_tokens(drafts: torch.Tensor, accept_len: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:

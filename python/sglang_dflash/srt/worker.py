@@ -114,41 +114,38 @@ class DFlashWorker(BaseSpecWorker):
         B, timer = self.block_size, self.timer
         timer.begin_step()
         anchor = batch.spec_info.bonus_tokens  # [bs]: last step's bonus, position L
-        block = stages.block_layout(batch, B)  # positions and KV slots of [L, L+B) per request
+        seq_lens = batch.seq_lens  # [bs]: committed lengths L (the batch fields are rebound below)
+        block = stages.block_layout(batch, anchor, self.mask_token_id, B)  # ids, positions, slots of [L, L+B)
         with timer.stage("draft"):
-            drafts, draft_probs = self._draft(batch, block, anchor)
+            drafts, draft_probs = self._draft(batch, block)
         verify_ids = torch.cat([anchor[:, None], drafts], dim=1)  # [bs, B]
         with timer.stage("verify"):
             logits, target_hidden = self._verify(batch, block, verify_ids)
         with timer.stage("accept"):
-            accept_len, bonus = stages.accept(verify_ids, logits, draft_probs, batch.sampling_info)
+            acc = stages.accept(verify_ids, logits, draft_probs, seq_lens, batch.sampling_info)
         with timer.stage("commit"):
             # drafter context for the block rows (rows past the commit length are overwritten by the
             # next block before anything reads them), then the lengths and the committed run.
             stages.write_context(self.drafter, self.draft_runner, target_hidden, block.positions.flatten(),
                                  block.slots.flatten())
-            commit_len = accept_len + 1
-            new_seq_lens = batch.seq_lens + commit_len
             if on_publish is not None:
-                on_publish(new_seq_lens)
+                on_publish(acc.new_seq_lens)
             result = GenerationBatchResult(
                 logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=None),
-                next_token_ids=stages.committed_tokens(drafts, accept_len, bonus).flatten(),
-                accept_lens=commit_len,
-                new_seq_lens=new_seq_lens,
-                next_draft_input=DFlashDraftInput(bonus_tokens=bonus, block_size=B),
+                next_token_ids=acc.tokens.flatten(),
+                accept_lens=acc.accept_len + 1,
+                new_seq_lens=acc.new_seq_lens,
+                next_draft_input=DFlashDraftInput(bonus_tokens=acc.bonus, block_size=B),
                 speculative_num_draft_tokens=B,
                 can_run_cuda_graph=False,
             )
         timer.end_step()
         return result
 
-    def _draft(self, batch, block, anchor):
+    def _draft(self, batch, block):
         """-> drafts [bs, B-1] int64, draft_probs [bs, B-1, V] or None when every request is greedy."""
         B = self.block_size
-        block_ids = torch.full_like(block.positions, self.mask_token_id)
-        block_ids[:, 0] = anchor
-        fb = self._block_forward_batch(batch, self.draft_runner, block_ids, block, CaptureHiddenMode.NULL)
+        fb = self._block_forward_batch(batch, self.draft_runner, block.ids, block, CaptureHiddenMode.NULL)
         hidden = self.draft_runner.forward(fb).logits_output.hidden_states  # [bs*B, H]
         hidden = hidden.view(-1, B, hidden.shape[-1])[:, 1:]
         return stages.propose(self.drafter.draft_logits(hidden), batch.sampling_info)

@@ -1,0 +1,51 @@
+"""dflash_kernels: drop-in kernels for the hot path of a DFLASH step, each beside its PyTorch reference.
+
+Every kernel module defines `reference(...)` (plain PyTorch, the definition) and `triton_impl(...)` (same
+signature, same outputs). `get(name, device)` returns the Triton version where it can run (a CUDA device,
+or any device under TRITON_INTERPRET=1, which is how the CPU tests run it) and the reference elsewhere;
+falling back is logged once per kernel. Modules are imported lazily, so CPU-only installs never need a
+working Triton.
+
+| kernel | computes | module |
+|---|---|---|
+| block_prep | [bonus, MASK..] ids, positions and KV slots of every request's next block | block_prep.py |
+| greedy_accept | accept length, bonus, committed run and new lengths | greedy_accept.py |
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+
+logger = logging.getLogger("sglang_dflash")
+
+KERNELS = ("block_prep", "greedy_accept")
+_warned: set[str] = set()
+
+
+def triton_usable(device) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's own switch: kernels run on the CPU interpreter
+        return _has_triton()
+    return str(device).startswith("cuda") and _has_triton()
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get(name: str, device) -> Callable:
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}, expected one of {KERNELS}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    if triton_usable(device):
+        return module.triton_impl
+    if name not in _warned:
+        _warned.add(name)
+        logger.info("dflash kernel %s: Triton cannot run on %s here, using the PyTorch reference", name, device)
+    return module.reference

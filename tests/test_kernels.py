@@ -1,0 +1,46 @@
+"""Kernels against their PyTorch references on CPU, through the Triton interpreter (a small sweep here;
+scripts/gpu_check.sh runs the full sweep on a GPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dflash_kernels
+import pytest
+import torch
+from dflash_kernels import greedy_accept
+
+CASES = Path(__file__).with_name("kernel_cases.py")
+
+
+def test_kernels_match_references_under_interpreter():
+    """A child process: Triton must see TRITON_INTERPRET=1 before it is first imported."""
+    pytest.importorskip("triton", reason="Triton comes with sglang; the interpreter runs kernels on CPU")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, str(CASES)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("ok  ") == 8 and "FAIL" not in out.stdout, out.stdout
+
+
+def test_greedy_reference_is_the_accept_rule():
+    from sglang_dflash.accept import greedy_accept as rule
+
+    g = torch.Generator().manual_seed(0)
+    block, predict = torch.randint(0, 3, (50, 6), generator=g), torch.randint(0, 3, (50, 6), generator=g)
+    a, b, out, new = greedy_accept.reference(block, predict, torch.zeros(50, dtype=torch.int64))
+    a2, b2 = rule(block, predict)
+    assert torch.equal(a, a2) and torch.equal(b, b2) and torch.equal(new, a + 1)
+    for i in range(50):
+        assert out[i, : a[i]].tolist() == block[i, 1 : a[i] + 1].tolist() and out[i, a[i]] == b[i]
+
+
+def test_registry_falls_back_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert dflash_kernels.get("greedy_accept", "cpu") is greedy_accept.reference
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dflash_kernels.get("greedy_accept", "cpu") is greedy_accept.triton_impl
+    with pytest.raises(ValueError, match="unknown kernel 'nope'"):
+        dflash_kernels.get("nope", "cpu")
