@@ -44,3 +44,17 @@ def test_registry_falls_back_on_cpu_without_interpreter(monkeypatch):
     assert dflash_kernels.get("greedy_accept", "cpu") is greedy_accept.triton_impl
     with pytest.raises(ValueError, match="unknown kernel 'nope'"):
         dflash_kernels.get("nope", "cpu")
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """The prepared GPU check runs end to end on CPU with tiny shapes, so its first GPU run is not its first."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(root / "scripts/gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    import json
+
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    assert {r["name"] for r in rows} >= {"drafter forward", "block_prep kernel", "greedy_accept kernel"}
+    assert "8 passed, 0 failed" in (tmp_path / "kernel_sweep.txt").read_text()

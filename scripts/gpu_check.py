@@ -1,0 +1,183 @@
+"""The prepared GPU check: kernel sweeps, then microbenchmarks at Qwen3-4B shapes (random bf16 weights).
+
+    OUT=/some/dir python scripts/gpu_check.py            # on a GPU machine (torch + Triton; no SGLang needed)
+    OUT=/tmp/x python scripts/gpu_check.py --dry-run     # tiny shapes on CPU, same code path end to end
+
+Measures first the device's copy bandwidth and bf16 matrix rate, then, at batch 1, 8 and 32: the drafter
+forward (5 layers, hidden 2560, 32 heads, 8 KV heads, head dim 128, B = 16, 1024 context tokens), a
+verify-sized forward of the same width (36 such layers, causal), each kernel against its PyTorch
+reference, and one full draft step (block prep + drafter forward + lm_head argmax + greedy accept).
+Each row reports time, and achieved FLOP/s or bytes/s against the measured peaks. Writes
+$OUT/gpu_check.json and $OUT/gpu_check.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT))
+
+from sglang_dflash.config import DFlashConfig  # noqa: E402
+from sglang_dflash.drafter import DFlashDrafter  # noqa: E402
+
+from kernels import block_prep, greedy_accept  # noqa: E402
+
+QWEN3_4B = dict(hidden=2560, heads=32, kv_heads=8, head_dim=128, inter=9728, vocab=151936, target_layers=36,
+                draft_layers=5, B=16, ctx=1024)
+TINY = dict(hidden=64, heads=4, kv_heads=2, head_dim=16, inter=128, vocab=1000, target_layers=4, draft_layers=2,
+            B=16, ctx=64)
+
+
+def timeit(fn, device, iters: int) -> float:
+    """Median seconds per call after warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def peaks(device, dtype, dry: bool, iters: int) -> dict:
+    n = (1 << 24) if dry else (1 << 28)  # elements copied (x2 bytes bf16 / x4 fp32)
+    src = torch.empty(n, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), device, iters)
+    copy_bw = 2 * src.numel() * src.element_size() / t  # read + write
+    m = 512 if dry else 8192
+    a = torch.randn(m, m, dtype=dtype, device=device)
+    b = torch.randn(m, m, dtype=dtype, device=device)
+    t = timeit(lambda: a @ b, device, iters)
+    return {"copy_bytes_per_s": copy_bw, "matmul_flop_per_s": 2 * m**3 / t}
+
+
+def drafter(shape, layers: int, device, dtype) -> DFlashDrafter:
+    cfg = DFlashConfig(hidden_size=shape["hidden"], intermediate_size=shape["inter"], num_hidden_layers=layers,
+                       num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                       head_dim=shape["head_dim"], rms_norm_eps=1e-6, rope_theta=1e6,
+                       max_position_embeddings=40960, block_size=shape["B"],
+                       target_layer_ids=tuple(range(min(5, shape["target_layers"] - 1))), mask_token_id=1,
+                       num_target_layers=shape["target_layers"], vocab_size=shape["vocab"])
+    model = DFlashDrafter(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def layer_flops(shape, tokens: int, keys: int) -> float:
+    H, hd, nh, nkv, I = shape["hidden"], shape["head_dim"], shape["heads"], shape["kv_heads"], shape["inter"]
+    proj = 2 * tokens * H * (nh * hd + 2 * nkv * hd + nh * hd) + 2 * tokens * 3 * H * I
+    attn = 2 * 2 * tokens * keys * nh * hd
+    return proj + attn
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, to check the script itself")
+    args = ap.parse_args(argv)
+    out_dir = Path(os.environ.get("OUT", "gpu_check_out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dry = args.dry_run
+    device = "cpu" if dry else "cuda"
+    if not dry and not torch.cuda.is_available():
+        print("no CUDA device: run with --dry-run on a CPU machine", file=sys.stderr)
+        return 2
+    dtype = torch.float32 if dry else torch.bfloat16
+    shape = TINY if dry else QWEN3_4B
+    iters = 3 if dry else 20
+    torch.manual_seed(0)
+    res = {"device": torch.cuda.get_device_name() if not dry else "cpu (dry run)", "torch": torch.__version__,
+           "shape": shape, "rows": []}
+    res["peaks"] = peaks(device, dtype, dry, iters)
+    pk = res["peaks"]
+    print(f"peaks: copy {pk['copy_bytes_per_s'] / 1e9:.1f} GB/s, matmul {pk['matmul_flop_per_s'] / 1e12:.2f} TFLOP/s")
+
+    def row(name, bs, seconds, flops=None, nbytes=None, note=""):
+        r = {"name": name, "bs": bs, "ms": round(seconds * 1e3, 4)}
+        if flops:
+            r["tflop_s"] = round(flops / seconds / 1e12, 3)
+            r["of_peak_matmul"] = round(flops / seconds / pk["matmul_flop_per_s"], 3)
+        if nbytes:
+            r["gb_s"] = round(nbytes / seconds / 1e9, 2)
+            r["of_peak_copy"] = round(nbytes / seconds / pk["copy_bytes_per_s"], 3)
+        r["note"] = note
+        res["rows"].append(r)
+        print(json.dumps(r), flush=True)
+
+    B, H, V, ctx = shape["B"], shape["hidden"], shape["vocab"], shape["ctx"]
+    draft = drafter(shape, shape["draft_layers"], device, dtype)
+    verify = drafter(shape, shape["target_layers"], device, dtype)  # same layer kind: the width of a verify
+    lm_head = torch.randn(V, H, dtype=dtype, device=device) * 0.02
+    K = draft.cfg.num_target_features
+    with torch.no_grad():
+        for bs in (1, 8, 32):
+            feats = torch.randn(bs, ctx, K * H, dtype=dtype, device=device)
+            pos = torch.arange(ctx, device=device)[None].expand(bs, ctx)
+            bpos = torch.arange(ctx, ctx + B, device=device)[None].expand(bs, B)
+            emb = torch.randn(bs, B, H, dtype=dtype, device=device)
+            kv_d = draft.context_kv(draft.project(feats), pos)
+            t = timeit(lambda: draft(emb, bpos, kv_d), device, iters)
+            row("drafter forward", bs, t, flops=shape["draft_layers"] * layer_flops(shape, bs * B, ctx + B))
+            kv_v = verify.context_kv(verify.project(feats), pos)
+            causal = torch.ones(bs, B, ctx + B, dtype=torch.bool, device=device)
+            causal[:, :, ctx:] = torch.tril(torch.ones(B, B, dtype=torch.bool, device=device))
+            t_verify = timeit(lambda: verify(emb, bpos, kv_v, causal), device, iters)
+            row("verify-sized forward (36 layers)" if not dry else "verify-sized forward", bs, t_verify,
+                flops=shape["target_layers"] * layer_flops(shape, bs * B, ctx + B))
+            # kernels vs references
+            rows_ = torch.arange(bs, device=device) + 1
+            r2t = torch.randint(0, 100_000, (bs + 1, ctx + 2 * B), dtype=torch.int32, device=device)
+            seq = torch.full((bs,), ctx, device=device)
+            bonus = torch.randint(0, V, (bs,), device=device)
+            for name, mod, fn_args, nbytes in (
+                ("block_prep", block_prep, (bonus, seq, rows_, r2t, 1, B), bs * B * 8 * 3 + bs * B * 4),
+                ("greedy_accept", greedy_accept,
+                 (torch.randint(0, V, (bs, B), device=device), torch.randint(0, V, (bs, B), device=device), seq),
+                 bs * B * 8 * 3 + bs * 8 * 3),
+            ):
+                t_ref = timeit(lambda mod=mod, a=fn_args: mod.reference(*a), device, iters)
+                t_k = timeit(lambda mod=mod, a=fn_args: mod.triton_impl(*a), device, iters)
+                row(f"{name} reference", bs, t_ref, nbytes=nbytes)
+                row(f"{name} kernel", bs, t_k, nbytes=nbytes, note=f"{t_ref / t_k:.2f}x faster than reference")
+            # one whole draft step: block prep + drafter forward + lm_head argmax + greedy accept
+            def step(bs=bs, kv_d=kv_d, seq=seq, rows_=rows_, r2t=r2t, bonus=bonus):
+                ids, positions, _ = block_prep.triton_impl(bonus, seq, rows_, r2t, 1, B)
+                hidden = draft(emb, positions, kv_d)
+                drafts = (hidden[:, 1:] @ lm_head.T).argmax(-1)
+                verify_ids = torch.cat([ids[:, :1], drafts], 1)
+                greedy_accept.triton_impl(verify_ids, verify_ids, seq)
+
+            t_step = timeit(step, device, iters)
+            row("draft step (prep + drafter + lm_head argmax + accept)", bs, t_step,
+                note=f"{t_step / t_verify:.2f} of one verify-sized forward")
+    (out_dir / "gpu_check.json").write_text(json.dumps(res, indent=2) + "\n")
+    lines = [f"# GPU check ({res['device']}, torch {res['torch']})", "",
+             f"Peaks measured first: copy {pk['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
+             f"bf16 matmul {pk['matmul_flop_per_s'] / 1e12:.2f} TFLOP/s.", "",
+             "| what | bs | ms | TFLOP/s (of peak) | GB/s (of peak) | note |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        tf = f"{r['tflop_s']} ({r['of_peak_matmul']:.0%})" if "tflop_s" in r else ""
+        gb = f"{r['gb_s']} ({r['of_peak_copy']:.1%})" if "gb_s" in r else ""
+        lines.append(f"| {r['name']} | {r['bs']} | {r['ms']} | {tf} | {gb} | {r['note']} |")
+    (out_dir / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
