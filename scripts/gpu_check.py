@@ -80,8 +80,8 @@ def drafter(shape, layers: int, device, dtype) -> DFlashDrafter:
 
 
 def layer_flops(shape, tokens: int, keys: int) -> float:
-    H, hd, nh, nkv, I = shape["hidden"], shape["head_dim"], shape["heads"], shape["kv_heads"], shape["inter"]
-    proj = 2 * tokens * H * (nh * hd + 2 * nkv * hd + nh * hd) + 2 * tokens * 3 * H * I
+    H, hd, nh, nkv, inter = shape["hidden"], shape["head_dim"], shape["heads"], shape["kv_heads"], shape["inter"]
+    proj = 2 * tokens * H * (nh * hd + 2 * nkv * hd + nh * hd) + 2 * tokens * 3 * H * inter
     attn = 2 * 2 * tokens * keys * nh * hd
     return proj + attn
 
@@ -131,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
             bpos = torch.arange(ctx, ctx + B, device=device)[None].expand(bs, B)
             emb = torch.randn(bs, B, H, dtype=dtype, device=device)
             kv_d = draft.context_kv(draft.project(feats), pos)
-            t = timeit(lambda: draft(emb, bpos, kv_d), device, iters)
+            t = timeit(lambda emb=emb, bpos=bpos, kv_d=kv_d: draft(emb, bpos, kv_d), device, iters)
             row("drafter forward", bs, t, flops=shape["draft_layers"] * layer_flops(shape, bs * B, ctx + B))
             kv_v = verify.context_kv(verify.project(feats), pos)
             causal = torch.ones(bs, B, ctx + B, dtype=torch.bool, device=device)
             causal[:, :, ctx:] = torch.tril(torch.ones(B, B, dtype=torch.bool, device=device))
-            t_verify = timeit(lambda: verify(emb, bpos, kv_v, causal), device, iters)
+            t_verify = timeit(lambda emb=emb, bpos=bpos, kv_v=kv_v, causal=causal: verify(emb, bpos, kv_v, causal),
+                              device, iters)
             row("verify-sized forward (36 layers)" if not dry else "verify-sized forward", bs, t_verify,
                 flops=shape["target_layers"] * layer_flops(shape, bs * B, ctx + B))
             # kernels vs references
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 row(f"{name} reference", bs, t_ref, nbytes=nbytes)
                 row(f"{name} kernel", bs, t_k, nbytes=nbytes, note=f"{t_ref / t_k:.2f}x faster than reference")
             # one whole draft step: block prep + drafter forward + lm_head argmax + greedy accept
-            def step(bs=bs, kv_d=kv_d, seq=seq, rows_=rows_, r2t=r2t, bonus=bonus):
+            def step(kv_d=kv_d, seq=seq, rows_=rows_, r2t=r2t, bonus=bonus, emb=emb):
                 ids, positions, _ = block_prep.triton_impl(bonus, seq, rows_, r2t, 1, B)
                 hidden = draft(emb, positions, kv_d)
                 drafts = (hidden[:, 1:] @ lm_head.T).argmax(-1)
