@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from sglang_dflash.config import DFlashConfig  # noqa: E402
 from sglang_dflash.drafter import DFlashDrafter  # noqa: E402
 
-from kernels import block_prep, greedy_accept  # noqa: E402
+from kernels import block_prep, greedy_accept, sample_accept  # noqa: E402
 
 QWEN3_4B = dict(hidden=2560, heads=32, kv_heads=8, head_dim=128, inter=9728, vocab=151936, target_layers=36,
                 draft_layers=5, B=16, ctx=1024)
@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
                 ("greedy_accept", greedy_accept,
                  (torch.randint(0, V, (bs, B), device=device), torch.randint(0, V, (bs, B), device=device), seq),
                  bs * B * 8 * 3 + bs * 8 * 3),
+                ("sample_accept", sample_accept,
+                 (torch.randint(0, V, (bs, B), device=device),
+                  torch.rand(bs, B - 1, V, dtype=torch.float32, device=device),
+                  torch.rand(bs, B, V, dtype=torch.float32, device=device),
+                  torch.rand(bs, B - 1, device=device), torch.rand(bs, V, device=device) + 0.1),
+                 bs * V * 4 * 3 + bs * B * 8 * 2),
             ):
                 t_ref = timeit(lambda mod=mod, a=fn_args: mod.reference(*a), device, iters)
                 t_k = timeit(lambda mod=mod, a=fn_args: mod.triton_impl(*a), device, iters)

@@ -6,9 +6,12 @@ Prints one line per case and exits non-zero if any case fails."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
-from dflash_kernels import block_prep, greedy_accept
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `kernels` without installing
+from kernels import block_prep, greedy_accept, sample_accept  # noqa: E402
 
 POISON = -999
 
@@ -44,6 +47,44 @@ def check_greedy_accept(bs, B, V, device):
     return exercised and all(torch.equal(w, o) for w, o in zip(want, got))
 
 
+def _sampling_inputs(bs, B, V, device, seed, sharp=1.5):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.softmax(torch.randn(bs, B - 1, V, generator=g) * sharp, -1)
+    p = torch.softmax(torch.randn(bs, B, V, generator=g) * sharp, -1)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=g).view(bs, B - 1)
+    block = torch.cat([torch.zeros(bs, 1, dtype=torch.int64), drafts], 1)
+    u = torch.rand(bs, B - 1, generator=g)
+    e = torch.empty(bs, V).exponential_(generator=g)
+    return [t.to(device) for t in (block, q, p, u, e)]
+
+
+def check_sample_accept(bs, B, V, device):
+    args = _sampling_inputs(bs, B, V, device, seed=bs * 7 + B)
+    args[2][0, 0] = args[1][0, 0] if B > 1 else args[2][0, 0]  # p == q on one row: no residual, fallback path
+    want = sample_accept.reference(*args)
+    got = sample_accept.triton_impl(*args, out=_poisoned(device, (bs,), (bs,)))
+    return all(torch.equal(w, o) for w, o in zip(want, got))
+
+
+def check_sample_accept_distribution(device, n=3000):
+    """First emitted token ~ p_0, whatever q is: chi-square over n draws of the kernel."""
+    from scipy.stats import chisquare
+
+    V, B = 6, 3
+    g = torch.Generator().manual_seed(3)
+    p1 = torch.softmax(torch.randn(B, V, generator=g) * 1.5, -1)
+    q1 = torch.softmax(torch.randn(B - 1, V, generator=g) * 1.5, -1)
+    drafts = torch.multinomial(q1.repeat(n, 1), 1, replacement=True, generator=g).view(n, B - 1)
+    block = torch.cat([torch.zeros(n, 1, dtype=torch.int64), drafts], 1)
+    u = torch.rand(n, B - 1, generator=g)
+    e = torch.empty(n, V).exponential_(generator=g)
+    args = [t.to(device) for t in (block, q1.expand(n, -1, -1), p1.expand(n, -1, -1), u, e)]
+    a, bonus = (t.cpu() for t in sample_accept.triton_impl(*args))
+    first = torch.where(a >= 1, block[:, 1], bonus)
+    counts = torch.bincount(first, minlength=V).float()
+    return chisquare(counts.numpy(), (p1[0] * n).numpy()).pvalue > 1e-3
+
+
 def cases(full: bool):
     sizes = [(1, 2), (3, 5), (17, 16), (64, 8)]
     if full:
@@ -52,6 +93,12 @@ def cases(full: bool):
         yield f"block_prep bs={bs} B={B}", lambda d, bs=bs, B=B: check_block_prep(bs, B, d)
     for (bs, B), V in zip(sizes, [3, 2, 3, 151936] * len(sizes)):
         yield f"greedy_accept bs={bs} B={B} V={V}", lambda d, bs=bs, B=B, V=V: check_greedy_accept(bs, B, V, d)
+    sample_sizes = [(1, 2, 5), (3, 4, 1500), (8, 16, 37)]
+    if full:
+        sample_sizes = [(bs, B, V) for bs in (1, 8, 32, 64) for B in (2, 4, 16) for V in (37, 4096, 151936)]
+    for bs, B, V in sample_sizes:
+        yield f"sample_accept bs={bs} B={B} V={V}", lambda d, bs=bs, B=B, V=V: check_sample_accept(bs, B, V, d)
+    yield "sample_accept distribution (chi-square)", check_sample_accept_distribution
 
 
 def main(argv: list[str]) -> int:

@@ -12,7 +12,6 @@ from typing import NamedTuple
 import dflash_kernels
 import torch
 
-from ..accept import sample_accept
 from ..sampling import processed_probs
 
 
@@ -83,7 +82,9 @@ def accept(verify_ids: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Te
     bs, B, V = logits.shape
     p = processed_probs(logits.reshape(bs * B, V), *_sampling_tensors(sampling_info, B, V)).view(bs, B, V)
     uniforms = torch.rand(bs, B - 1, device=logits.device)
-    accept_len, bonus = sample_accept(verify_ids, draft_probs, p, uniforms)
+    exponentials = torch.empty(bs, V, device=logits.device).exponential_()
+    sample = dflash_kernels.get("sample_accept", logits.device)  # rejection sampling with the real q
+    accept_len, bonus = sample(verify_ids, draft_probs, p, uniforms, exponentials)
     tokens = committed_tokens(verify_ids[:, 1:], accept_len, bonus)
     return Accepted(accept_len, bonus, tokens, seq_lens.long() + accept_len + 1)
 
