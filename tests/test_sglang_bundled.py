@@ -20,7 +20,7 @@ CHUNK = 64
 @pytest.fixture(scope="module")
 def servers(tiny_pair):
     target, draft = tiny_pair
-    dflash = Server(target, draft, "--chunked-prefill-size", str(CHUNK))
+    dflash = Server(target, draft, "--chunked-prefill-size", str(CHUNK), "--decode-log-interval", "1")
     plain = Server(target)
     start_all(dflash, plain)
     yield dflash, plain
@@ -151,3 +151,55 @@ def test_unsupported_requests_refused_clearly(servers, prompts):
         assert status == 400 or out.get("meta_info", {}).get("finish_reason", {}).get("type") == "abort", out
         assert word in str(out), out
     assert len(dflash.generate(prompts[0], 4)["output_ids"]) == 4
+
+
+def _find(obj, key):
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        obj = list(obj.values())
+    if isinstance(obj, list):
+        for v in obj:
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def test_server_metrics_report_acceptance(servers, prompts):
+    import json
+    import urllib.request
+
+    dflash, _ = servers
+    dflash.generate_many(prompts[:4], 24, concurrency=4, ignore_eos=True)
+    with urllib.request.urlopen(dflash.url + "/get_server_info", timeout=30) as r:
+        info = json.loads(r.read())
+    # SGLang folds step counts into its server-wide totals when it logs a decode batch (every batch here)
+    assert _find(info, "avg_spec_accept_length") > 1.5, info
+    assert "accept len: " in dflash.log()
+
+
+ENGINE = """
+import sglang as sgl
+from sglang_dflash.assets import tiny_pair, heldout_prompts
+t, d = tiny_pair()
+if __name__ == "__main__":
+    eng = sgl.Engine(model_path=str(t), speculative_algorithm="DFLASH", speculative_draft_model_path=str(d),
+                     device="cpu")
+    out = eng.generate(input_ids=heldout_prompts()[:2], sampling_params={"max_new_tokens": 16, "temperature": 0})
+    print("OUT", [o["output_ids"] for o in out])
+    eng.shutdown()
+"""
+
+
+def test_engine_with_no_further_arguments(oracle):
+    """sglang.Engine(model_path, speculative_algorithm="DFLASH", speculative_draft_model_path, device="cpu")."""
+    import ast
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", ENGINE], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("OUT "))
+    got = ast.literal_eval(line[4:])
+    assert got == [r.output_ids[:16] for r in oracle[:2]]
