@@ -39,6 +39,9 @@ class DFlashWorker(BaseSpecWorker):
         from sglang.srt.speculative.draft_parallel import model_draft_parallel_spec, resolve_draft_parallel_layout
         from sglang.srt.speculative.spec_utils import draft_pp_context, draft_tp_context
 
+        if server_args.tp_size != 1 or server_args.enable_dp_attention:
+            raise ValueError(f"sglang-dflash: tp_size={server_args.tp_size}, enable_dp_attention="
+                             f"{server_args.enable_dp_attention}; only tp_size=1 without DP attention is supported yet")
         self.server_args = server_args
         self._target_worker = target_worker
         self.device = target_worker.device
