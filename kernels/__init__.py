@@ -11,6 +11,7 @@ working Triton.
 | block_prep | [bonus, MASK..] ids, positions and KV slots of every request's next block | block_prep.py |
 | greedy_accept | accept length, bonus, committed run and new lengths | greedy_accept.py |
 | sample_accept | rejection sampling with the drafter's q, bonus by an exponential race | sample_accept.py |
+| context_kv | every drafter layer's context K/V: k_norm + RoPE + scatter into the pools | context_kv.py |
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Callable
 
 logger = logging.getLogger("sglang_dflash")
 
-KERNELS = ("block_prep", "greedy_accept", "sample_accept")
+KERNELS = ("block_prep", "greedy_accept", "sample_accept", "context_kv")
 _warned: set[str] = set()
 
 

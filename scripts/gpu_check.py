@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from sglang_dflash.config import DFlashConfig  # noqa: E402
 from sglang_dflash.drafter import DFlashDrafter  # noqa: E402
 
-from kernels import block_prep, greedy_accept, sample_accept  # noqa: E402
+from kernels import block_prep, context_kv, greedy_accept, sample_accept  # noqa: E402
 
 QWEN3_4B = dict(hidden=2560, heads=32, kv_heads=8, head_dim=128, inter=9728, vocab=151936, target_layers=36,
                 draft_layers=5, B=16, ctx=1024)
@@ -161,6 +161,20 @@ def main(argv: list[str] | None = None) -> int:
                 t_k = timeit(lambda mod=mod, a=fn_args: mod.triton_impl(*a), device, iters)
                 row(f"{name} reference", bs, t_ref, nbytes=nbytes)
                 row(f"{name} kernel", bs, t_k, nbytes=nbytes, note=f"{t_ref / t_k:.2f}x faster than reference")
+            # context K/V materialisation for the 16 committed rows of every request (the commit step)
+            n, L, nkv, hd = bs * B, shape["draft_layers"], shape["kv_heads"], shape["head_dim"]
+            kv = torch.randn(n, L, 2, nkv, hd, dtype=dtype, device=device)
+            knorm = torch.ones(L, hd, dtype=dtype, device=device)
+            cpos = torch.randint(0, ctx, (n,), device=device)
+            cslots = torch.randperm(4 * n, device=device)[:n]
+            kp = torch.zeros(L, 4 * n, nkv, hd, dtype=dtype, device=device)
+            vp = torch.zeros_like(kp)
+            cargs = (kv, knorm, 1e-6, cpos, draft.rotary.inv_freq, cslots, kp, vp)
+            nbytes = 2 * kv.numel() * kv.element_size()  # read the projection, write both pools
+            t_ref = timeit(lambda a=cargs: context_kv.reference(*a), device, iters)
+            t_k = timeit(lambda a=cargs: context_kv.triton_impl(*a), device, iters)
+            row("context_kv reference", bs, t_ref, nbytes=nbytes)
+            row("context_kv kernel", bs, t_k, nbytes=nbytes, note=f"{t_ref / t_k:.2f}x faster than reference")
             # one whole draft step: block prep + drafter forward + lm_head argmax + greedy accept
             def step(kv_d=kv_d, seq=seq, rows_=rows_, r2t=r2t, bonus=bonus, emb=emb):
                 ids, positions, _ = block_prep.triton_impl(bonus, seq, rows_, r2t, 1, B)

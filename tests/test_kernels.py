@@ -22,7 +22,7 @@ def test_kernels_match_references_under_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, str(CASES)], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.count("ok  ") == 12 and "FAIL" not in out.stdout, out.stdout
+    assert out.stdout.count("ok  ") == 14 and "FAIL" not in out.stdout, out.stdout
 
 
 def test_greedy_reference_is_the_accept_rule():
@@ -57,5 +57,5 @@ def test_gpu_check_dry_run(tmp_path):
 
     rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
     assert {r["name"] for r in rows} >= {"drafter forward", "block_prep kernel", "greedy_accept kernel",
-                                         "sample_accept kernel"}
-    assert "12 passed, 0 failed" in (tmp_path / "kernel_sweep.txt").read_text()
+                                         "sample_accept kernel", "context_kv kernel"}
+    assert "14 passed, 0 failed" in (tmp_path / "kernel_sweep.txt").read_text()
