@@ -27,6 +27,19 @@ KERNELS = ("block_prep", "greedy_accept", "sample_accept", "context_kv")
 _warned: set[str] = set()
 
 
+def lazy_jit(build: Callable[[], Callable]) -> Callable[[], Callable]:
+    """Compile on first use: `build()` imports Triton and returns the @triton.jit function, so importing a
+    kernel module never needs Triton (and TRITON_INTERPRET is read when the kernel is first used)."""
+    compiled: list[Callable] = []
+
+    def get() -> Callable:
+        if not compiled:
+            compiled.append(build())
+        return compiled[0]
+
+    return get
+
+
 def triton_usable(device) -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's own switch: kernels run on the CPU interpreter
         return _has_triton()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from . import lazy_jit
+
 
 def reference(bonus, seq_lens, req_pool_indices, req_to_token, mask_id: int, B: int):
     positions = seq_lens[:, None].long() + torch.arange(B, device=seq_lens.device)
@@ -36,30 +38,25 @@ def triton_impl(bonus, seq_lens, req_pool_indices, req_to_token, mask_id: int, B
     return ids, positions, slots
 
 
-_compiled = None
-
-
+@lazy_jit
 def _kernel():
-    global _compiled
-    if _compiled is None:
-        import triton
-        import triton.language as tl
+    import triton
+    import triton.language as tl
 
-        @triton.jit
-        def block_prep_kernel(bonus_ptr, seq_lens_ptr, rows_ptr, r2t_ptr, r2t_stride, ids_ptr, pos_ptr, slots_ptr,
-                              mask_id, B: tl.constexpr, BLOCK: tl.constexpr):
-            i = tl.program_id(0)
-            j = tl.arange(0, BLOCK)
-            live = j < B
-            L = tl.load(seq_lens_ptr + i).to(tl.int64)
-            row = tl.load(rows_ptr + i).to(tl.int64)
-            bonus = tl.load(bonus_ptr + i).to(tl.int64)
-            pos = L + j
-            slot = tl.load(r2t_ptr + row * r2t_stride + pos, mask=live, other=0).to(tl.int64)
-            ids = tl.where(j == 0, bonus, mask_id)
-            tl.store(ids_ptr + i * B + j, ids, mask=live)
-            tl.store(pos_ptr + i * B + j, pos, mask=live)
-            tl.store(slots_ptr + i * B + j, slot, mask=live)
+    @triton.jit
+    def block_prep_kernel(bonus_ptr, seq_lens_ptr, rows_ptr, r2t_ptr, r2t_stride, ids_ptr, pos_ptr, slots_ptr,
+                          mask_id, B: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0)
+        j = tl.arange(0, BLOCK)
+        live = j < B
+        L = tl.load(seq_lens_ptr + i).to(tl.int64)
+        row = tl.load(rows_ptr + i).to(tl.int64)
+        bonus = tl.load(bonus_ptr + i).to(tl.int64)
+        pos = L + j
+        slot = tl.load(r2t_ptr + row * r2t_stride + pos, mask=live, other=0).to(tl.int64)
+        ids = tl.where(j == 0, bonus, mask_id)
+        tl.store(ids_ptr + i * B + j, ids, mask=live)
+        tl.store(pos_ptr + i * B + j, pos, mask=live)
+        tl.store(slots_ptr + i * B + j, slot, mask=live)
 
-        _compiled = block_prep_kernel
-    return _compiled
+    return block_prep_kernel

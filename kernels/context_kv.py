@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from . import lazy_jit
+
 
 def stack_kv_weights(layers) -> torch.Tensor:
     """The drafter layers' k_proj / v_proj weights as one [L * 2 * nkv * hd, H] matrix (rows: layer, k|v)."""
@@ -44,44 +46,39 @@ def triton_impl(kv, k_norm, eps: float, positions, inv_freq, slots, k_pool, v_po
                       HALF=hd // 2, BLOCK_H=triton.next_power_of_2(nkv))
 
 
-_compiled = None
-
-
+@lazy_jit
 def _kernel():
-    global _compiled
-    if _compiled is None:
-        import triton
-        import triton.language as tl
+    import triton
+    import triton.language as tl
 
-        @triton.jit
-        def context_kv_kernel(kv_ptr, norm_ptr, pos_ptr, inv_ptr, slot_ptr, k_pool, v_pool, eps,
-                              pool_stride_l, pool_stride_s, L: tl.constexpr, NKV: tl.constexpr,
-                              HD: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-            t = tl.program_id(0).to(tl.int64)
-            layer = tl.program_id(1).to(tl.int64)
-            h = tl.arange(0, BLOCK_H)[:, None]
-            d = tl.arange(0, HALF)[None, :]
-            live = h < NKV
-            base = ((t * L + layer) * 2) * NKV * HD  # kv[t, layer, 0]
-            k1 = tl.load(kv_ptr + base + h * HD + d, mask=live, other=0.0).to(tl.float32)
-            k2 = tl.load(kv_ptr + base + h * HD + HALF + d, mask=live, other=0.0).to(tl.float32)
-            var = (tl.sum(k1 * k1, axis=1) + tl.sum(k2 * k2, axis=1)) / HD
-            rstd = 1.0 / tl.sqrt(var + eps)
-            w1 = tl.load(norm_ptr + layer * HD + d).to(tl.float32)
-            w2 = tl.load(norm_ptr + layer * HD + HALF + d).to(tl.float32)
-            k1 = k1 * rstd[:, None] * w1
-            k2 = k2 * rstd[:, None] * w2
-            ang = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_ptr + d)
-            c, s = tl.cos(ang), tl.sin(ang)
-            slot = tl.load(slot_ptr + t).to(tl.int64)
-            out = layer * pool_stride_l + slot * pool_stride_s + h * HD
-            tl.store(k_pool + out + d, (k1 * c - k2 * s).to(k_pool.dtype.element_ty), mask=live)
-            tl.store(k_pool + out + HALF + d, (k2 * c + k1 * s).to(k_pool.dtype.element_ty), mask=live)
-            vbase = base + NKV * HD
-            v1 = tl.load(kv_ptr + vbase + h * HD + d, mask=live, other=0.0)
-            v2 = tl.load(kv_ptr + vbase + h * HD + HALF + d, mask=live, other=0.0)
-            tl.store(v_pool + out + d, v1.to(v_pool.dtype.element_ty), mask=live)
-            tl.store(v_pool + out + HALF + d, v2.to(v_pool.dtype.element_ty), mask=live)
+    @triton.jit
+    def context_kv_kernel(kv_ptr, norm_ptr, pos_ptr, inv_ptr, slot_ptr, k_pool, v_pool, eps,
+                          pool_stride_l, pool_stride_s, L: tl.constexpr, NKV: tl.constexpr,
+                          HD: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        layer = tl.program_id(1).to(tl.int64)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, HALF)[None, :]
+        live = h < NKV
+        base = ((t * L + layer) * 2) * NKV * HD  # kv[t, layer, 0]
+        k1 = tl.load(kv_ptr + base + h * HD + d, mask=live, other=0.0).to(tl.float32)
+        k2 = tl.load(kv_ptr + base + h * HD + HALF + d, mask=live, other=0.0).to(tl.float32)
+        var = (tl.sum(k1 * k1, axis=1) + tl.sum(k2 * k2, axis=1)) / HD
+        rstd = 1.0 / tl.sqrt(var + eps)
+        w1 = tl.load(norm_ptr + layer * HD + d).to(tl.float32)
+        w2 = tl.load(norm_ptr + layer * HD + HALF + d).to(tl.float32)
+        k1 = k1 * rstd[:, None] * w1
+        k2 = k2 * rstd[:, None] * w2
+        ang = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_ptr + d)
+        c, s = tl.cos(ang), tl.sin(ang)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        out = layer * pool_stride_l + slot * pool_stride_s + h * HD
+        tl.store(k_pool + out + d, (k1 * c - k2 * s).to(k_pool.dtype.element_ty), mask=live)
+        tl.store(k_pool + out + HALF + d, (k2 * c + k1 * s).to(k_pool.dtype.element_ty), mask=live)
+        vbase = base + NKV * HD
+        v1 = tl.load(kv_ptr + vbase + h * HD + d, mask=live, other=0.0)
+        v2 = tl.load(kv_ptr + vbase + h * HD + HALF + d, mask=live, other=0.0)
+        tl.store(v_pool + out + d, v1.to(v_pool.dtype.element_ty), mask=live)
+        tl.store(v_pool + out + HALF + d, v2.to(v_pool.dtype.element_ty), mask=live)
 
-        _compiled = context_kv_kernel
-    return _compiled
+    return context_kv_kernel

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from . import lazy_jit
+
 
 def reference(block_ids, target_predict, seq_lens):
     matches = block_ids[:, 1:] == target_predict[:, :-1]
@@ -40,31 +42,26 @@ def triton_impl(block_ids, target_predict, seq_lens, out=None):
     return accept_len, bonus, out_tokens, new_lens
 
 
-_compiled = None
-
-
+@lazy_jit
 def _kernel():
-    global _compiled
-    if _compiled is None:
-        import triton
-        import triton.language as tl
+    import triton
+    import triton.language as tl
 
-        @triton.jit
-        def greedy_accept_kernel(block_ptr, pred_ptr, seq_lens_ptr, accept_ptr, bonus_ptr, out_ptr, new_lens_ptr,
-                                 B: tl.constexpr, BLOCK: tl.constexpr):
-            i = tl.program_id(0)
-            j = tl.arange(0, BLOCK)
-            draft_j = j < B - 1  # d_(j+1) is compared with predict[j]
-            d = tl.load(block_ptr + i * B + j + 1, mask=draft_j, other=0).to(tl.int64)
-            p = tl.load(pred_ptr + i * B + j, mask=draft_j, other=0).to(tl.int64)
-            miss = (d != p) | (j >= B - 1)
-            a = tl.min(tl.where(miss, j, BLOCK), axis=0)  # first mismatch = number of leading matches
-            bonus = tl.load(pred_ptr + i * B + a).to(tl.int64)
-            out = tl.where(j < a, d, tl.where(j == a, bonus, 0))
-            tl.store(out_ptr + i * B + j, out, mask=j < B)
-            tl.store(accept_ptr + i, a)
-            tl.store(bonus_ptr + i, bonus)
-            tl.store(new_lens_ptr + i, tl.load(seq_lens_ptr + i).to(tl.int64) + a + 1)
+    @triton.jit
+    def greedy_accept_kernel(block_ptr, pred_ptr, seq_lens_ptr, accept_ptr, bonus_ptr, out_ptr, new_lens_ptr,
+                             B: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0)
+        j = tl.arange(0, BLOCK)
+        draft_j = j < B - 1  # d_(j+1) is compared with predict[j]
+        d = tl.load(block_ptr + i * B + j + 1, mask=draft_j, other=0).to(tl.int64)
+        p = tl.load(pred_ptr + i * B + j, mask=draft_j, other=0).to(tl.int64)
+        miss = (d != p) | (j >= B - 1)
+        a = tl.min(tl.where(miss, j, BLOCK), axis=0)  # first mismatch = number of leading matches
+        bonus = tl.load(pred_ptr + i * B + a).to(tl.int64)
+        out = tl.where(j < a, d, tl.where(j == a, bonus, 0))
+        tl.store(out_ptr + i * B + j, out, mask=j < B)
+        tl.store(accept_ptr + i, a)
+        tl.store(bonus_ptr + i, bonus)
+        tl.store(new_lens_ptr + i, tl.load(seq_lens_ptr + i).to(tl.int64) + a + 1)
 
-        _compiled = greedy_accept_kernel
-    return _compiled
+    return greedy_accept_kernel

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from . import lazy_jit
+
 
 def reference(block_ids, q, p, uniforms, exponentials):
     bs, B = block_ids.shape
@@ -55,53 +57,48 @@ def triton_impl(block_ids, q, p, uniforms, exponentials, out=None):
     return accept_len, bonus
 
 
-_compiled = None
-
-
+@lazy_jit
 def _kernel():
-    global _compiled
-    if _compiled is None:
-        import triton
-        import triton.language as tl
+    import triton
+    import triton.language as tl
 
-        @triton.jit
-        def sample_accept_kernel(block_ptr, q_ptr, p_ptr, u_ptr, e_ptr, accept_ptr, bonus_ptr, V,
-                                 B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr):
-            i = tl.program_id(0).to(tl.int64)
-            j = tl.arange(0, BLOCK_B)
-            live = j < B - 1
-            d = tl.load(block_ptr + i * B + 1 + j, mask=live, other=0).to(tl.int64)
-            p_x = tl.load(p_ptr + (i * B + j) * V + d, mask=live, other=0.0)
-            q_x = tl.load(q_ptr + (i * (B - 1) + j) * V + d, mask=live, other=0.0)
-            u = tl.load(u_ptr + i * (B - 1) + j, mask=live, other=1.0)
-            reject = (u * q_x >= p_x) | (j >= B - 1)
-            a = tl.min(tl.where(reject, j, BLOCK_B), axis=0).to(tl.int64)  # first rejection = drafts kept
-            has_q = a < B - 1
-            best_r = -2.0
-            best_p = -2.0
-            idx_r = 0
-            idx_p = 0
-            total = 0.0
-            for start in range(0, V, BLOCK_V):
-                v = start + tl.arange(0, BLOCK_V)
-                m = v < V
-                pv = tl.load(p_ptr + (i * B + a) * V + v, mask=m, other=0.0)
-                qv = tl.load(q_ptr + (i * (B - 1) + a) * V + v, mask=m & has_q, other=0.0)
-                e = tl.load(e_ptr + i * V + v, mask=m, other=1.0)
-                r = tl.maximum(pv - qv, 0.0)
-                total += tl.sum(r, axis=0)
-                score_r = tl.where(r > 0, tl.math.div_rn(r, e), -1.0)
-                score_p = tl.where(pv > 0, tl.math.div_rn(pv, e), -1.0)
-                c_r = tl.max(score_r, axis=0)
-                c_p = tl.max(score_p, axis=0)
-                k_r = tl.argmax(score_r, axis=0) + start
-                k_p = tl.argmax(score_p, axis=0) + start
-                idx_r = tl.where(c_r > best_r, k_r, idx_r)  # strict: ties keep the earliest index
-                idx_p = tl.where(c_p > best_p, k_p, idx_p)
-                best_r = tl.maximum(best_r, c_r)
-                best_p = tl.maximum(best_p, c_p)
-            tl.store(accept_ptr + i, a)
-            tl.store(bonus_ptr + i, tl.where(total > 0, idx_r, idx_p).to(tl.int64))
+    @triton.jit
+    def sample_accept_kernel(block_ptr, q_ptr, p_ptr, u_ptr, e_ptr, accept_ptr, bonus_ptr, V,
+                             B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, BLOCK_B)
+        live = j < B - 1
+        d = tl.load(block_ptr + i * B + 1 + j, mask=live, other=0).to(tl.int64)
+        p_x = tl.load(p_ptr + (i * B + j) * V + d, mask=live, other=0.0)
+        q_x = tl.load(q_ptr + (i * (B - 1) + j) * V + d, mask=live, other=0.0)
+        u = tl.load(u_ptr + i * (B - 1) + j, mask=live, other=1.0)
+        reject = (u * q_x >= p_x) | (j >= B - 1)
+        a = tl.min(tl.where(reject, j, BLOCK_B), axis=0).to(tl.int64)  # first rejection = drafts kept
+        has_q = a < B - 1
+        best_r = -2.0
+        best_p = -2.0
+        idx_r = 0
+        idx_p = 0
+        total = 0.0
+        for start in range(0, V, BLOCK_V):
+            v = start + tl.arange(0, BLOCK_V)
+            m = v < V
+            pv = tl.load(p_ptr + (i * B + a) * V + v, mask=m, other=0.0)
+            qv = tl.load(q_ptr + (i * (B - 1) + a) * V + v, mask=m & has_q, other=0.0)
+            e = tl.load(e_ptr + i * V + v, mask=m, other=1.0)
+            r = tl.maximum(pv - qv, 0.0)
+            total += tl.sum(r, axis=0)
+            score_r = tl.where(r > 0, tl.math.div_rn(r, e), -1.0)
+            score_p = tl.where(pv > 0, tl.math.div_rn(pv, e), -1.0)
+            c_r = tl.max(score_r, axis=0)
+            c_p = tl.max(score_p, axis=0)
+            k_r = tl.argmax(score_r, axis=0) + start
+            k_p = tl.argmax(score_p, axis=0) + start
+            idx_r = tl.where(c_r > best_r, k_r, idx_r)  # strict: ties keep the earliest index
+            idx_p = tl.where(c_p > best_p, k_p, idx_p)
+            best_r = tl.maximum(best_r, c_r)
+            best_p = tl.maximum(best_p, c_p)
+        tl.store(accept_ptr + i, a)
+        tl.store(bonus_ptr + i, tl.where(total > 0, idx_r, idx_p).to(tl.int64))
 
-        _compiled = sample_accept_kernel
-    return _compiled
+    return sample_accept_kernel
