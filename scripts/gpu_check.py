@@ -167,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             knorm = torch.ones(L, hd, dtype=dtype, device=device)
             cpos = torch.randint(0, ctx, (n,), device=device)
             cslots = torch.randperm(4 * n, device=device)[:n]
-            kp = torch.zeros(L, 4 * n, nkv, hd, dtype=dtype, device=device)
-            vp = torch.zeros_like(kp)
-            cargs = (kv, knorm, 1e-6, cpos, draft.rotary.inv_freq, cslots, kp, vp)
+            fused = [torch.zeros(2, 4 * n, nkv, hd, dtype=dtype, device=device) for _ in range(L)]  # SGLang's layout
+            pools = context_kv.layer_pools([f[0] for f in fused], [f[1] for f in fused])
+            cargs = (kv, knorm, 1e-6, cpos, draft.rotary.inv_freq, cslots, pools)
             nbytes = 2 * kv.numel() * kv.element_size()  # read the projection, write both pools
             t_ref = timeit(lambda a=cargs: context_kv.reference(*a), device, iters)
             t_k = timeit(lambda a=cargs: context_kv.triton_impl(*a), device, iters)

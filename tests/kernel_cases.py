@@ -85,8 +85,9 @@ def check_sample_accept_distribution(device, n=3000):
     return chisquare(counts.numpy(), (p1[0] * n).numpy()).pvalue > 1e-3
 
 
-def check_context_kv(n, L, nkv, hd, dtype, device):
-    """Against the reference AND against the drafter's own per-layer k/v (the model's definition)."""
+def check_context_kv(n, L, nkv, hd, dtype, device, bias=False):
+    """Against the reference AND against the drafter's own per-layer k/v (the model's definition). Pools are
+    laid out as SGLang's: one [2, S, nkv, hd] allocation per layer, K and V its two halves."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     from sglang_dflash.config import DFlashConfig
     from sglang_dflash.drafter import DFlashDrafter
@@ -96,31 +97,36 @@ def check_context_kv(n, L, nkv, hd, dtype, device):
     cfg = DFlashConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=4,
                        num_key_value_heads=nkv, head_dim=hd, rms_norm_eps=1e-6, rope_theta=1e6,
                        max_position_embeddings=4096, block_size=16, target_layer_ids=(0,), mask_token_id=1,
-                       num_target_layers=4)
+                       num_target_layers=4, attention_bias=bias)
     model = DFlashDrafter(cfg)
     for prm in model.parameters():
         torch.nn.init.normal_(prm, std=0.3)
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype).requires_grad_(False)
     context = torch.randn(n, H, device=device, dtype=dtype)
     positions = torch.randint(0, 4000, (n,), device=device)
     S = 3 * n + 5
     slots = torch.randperm(S, device=device)[:n]
-    kv = (context @ context_kv.stack_kv_weights(model.layers).T).view(n, L, 2, nkv, hd)
+    w, b = context_kv.stack_kv_projection(model.layers)
+    kv = torch.nn.functional.linear(context, w, b).view(n, L, 2, nkv, hd)
     k_norm = torch.stack([ly.self_attn.k_norm.weight for ly in model.layers])
     inv_freq = model.rotary.inv_freq
-    pools = [torch.full((L, S, nkv, hd), float("nan"), device=device, dtype=dtype) for _ in range(4)]
-    context_kv.reference(kv, k_norm, 1e-6, positions, inv_freq, slots, pools[0], pools[1])
-    context_kv.triton_impl(kv, k_norm, 1e-6, positions, inv_freq, slots, pools[2], pools[3])
+    runs = []
+    for fn in (context_kv.reference, context_kv.triton_impl):
+        fused = [torch.full((2, S, nkv, hd), float("nan"), device=device, dtype=dtype) for _ in range(L)]
+        pools = context_kv.layer_pools([f[0] for f in fused], [f[1] for f in fused])
+        fn(kv, k_norm, 1e-6, positions, inv_freq, slots, pools)
+        runs.append(torch.stack(fused, dim=1))  # [2, L, S, nkv, hd]
+    ref, got = runs
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    ok = all(torch.allclose(a.float(), b.float(), equal_nan=True, **tol) for a, b in zip(pools[:2], pools[2:]))
+    ok = torch.allclose(ref.float(), got.float(), equal_nan=True, **tol)
     with torch.no_grad():
         for layer_i, ly in enumerate(model.layers):
             k, v = ly.self_attn.kv(context[None], positions[None])
-            ok &= torch.allclose(pools[0][layer_i, slots].float(), k[0].float(), **tol)
-            ok &= torch.allclose(pools[1][layer_i, slots].float(), v[0].float(), **tol)
+            ok &= torch.allclose(ref[0, layer_i, slots].float(), k[0].float(), **tol)
+            ok &= torch.allclose(ref[1, layer_i, slots].float(), v[0].float(), **tol)
     untouched = torch.ones(S, dtype=torch.bool, device=device)
     untouched[slots] = False
-    return bool(ok) and bool(pools[2][:, untouched].isnan().all())
+    return bool(ok) and bool(got[:, :, untouched].isnan().all())
 
 
 def cases(full: bool):
@@ -137,12 +143,13 @@ def cases(full: bool):
     for bs, B, V in sample_sizes:
         yield f"sample_accept bs={bs} B={B} V={V}", lambda d, bs=bs, B=B, V=V: check_sample_accept(bs, B, V, d)
     yield "sample_accept distribution (chi-square)", check_sample_accept_distribution
-    ctx_sizes = [(5, 2, 2, 16, torch.float32), (33, 3, 1, 32, torch.float32)]
+    ctx_sizes = [(5, 2, 2, 16, torch.float32, False), (33, 3, 1, 32, torch.float32, True)]
     if full:
-        ctx_sizes = [(n, 5, 8, 128, dt) for n in (1, 16, 512) for dt in (torch.float32, torch.bfloat16)]
-    for n, L, nkv, hd, dt in ctx_sizes:
-        name = f"context_kv n={n} layers={L} kv_heads={nkv} head_dim={hd} {str(dt).removeprefix('torch.')}"
-        yield name, lambda d, a=(n, L, nkv, hd, dt): check_context_kv(*a, d)
+        ctx_sizes = [(n, 5, 8, 128, dt, False) for n in (1, 16, 512) for dt in (torch.float32, torch.bfloat16)]
+    for n, L, nkv, hd, dt, bias in ctx_sizes:
+        name = (f"context_kv n={n} layers={L} kv_heads={nkv} head_dim={hd} {str(dt).removeprefix('torch.')}"
+                + (" bias" if bias else ""))
+        yield name, lambda d, a=(n, L, nkv, hd, dt, bias): check_context_kv(*a[:5], d, bias=a[5])
 
 
 def main(argv: list[str]) -> int:

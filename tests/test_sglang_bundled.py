@@ -179,6 +179,15 @@ def test_server_metrics_report_acceptance(servers, prompts):
     assert "accept len: " in dflash.log()
 
 
+def test_worker_reports_its_paths(servers):
+    """The startup line names the context K/V path: on SGLang's plain per-layer pool it must be the
+    stacked one (kernel context_kv), not the per-layer fallback."""
+    dflash, _ = servers
+    assert "DFLASH worker active" in dflash.log()
+    line = next((x for x in dflash.log().splitlines() if "sglang-dflash: context K/V" in x), "")
+    assert "context K/V stacked, kernel context_kv" in line, line or dflash.log()[-3000:]
+
+
 ENGINE = """
 import sglang as sgl
 from sglang_dflash.assets import tiny_pair, heldout_prompts

@@ -1,18 +1,21 @@
 """The stages of one SGLang decode step, as functions of tensors and SGLang's batch objects.
 
-    block_layout -> propose (draft tokens) -> accept (tokens to commit, new lengths) ; write_context (drafter K/V)
+    block_layout -> propose (draft tokens) -> accept (tokens to commit, new lengths) ; ContextWriter (drafter K/V)
 
 Shapes: `bs` requests, `B` block size, `V` vocab, `H` hidden, `K*H` concatenated target features.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import dflash_kernels
 import torch
 
 from ..sampling import processed_probs
+
+logger = logging.getLogger("sglang_dflash")
 
 
 class BlockLayout(NamedTuple):
@@ -34,16 +37,73 @@ def extend_positions(batch) -> torch.Tensor:
     return torch.cat([torch.arange(p, p + n, device=dev) for p, n in zip(batch.prefix_lens, batch.extend_lens)])
 
 
-def write_context(drafter, draft_runner, target_hidden: torch.Tensor, positions: torch.Tensor,
-                  slots: torch.Tensor) -> None:
-    """target_hidden [n, K*H] at positions [n] -> every drafter layer's K/V, into the drafter's pool at the
-    target's slot ids [n]."""
-    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+class ContextWriter:
+    """target_hidden [n, K*H] at positions [n] -> every drafter layer's context K/V, written into the drafter's
+    pool at the target's slot ids [n].
 
-    pool = draft_runner.token_to_kv_pool
-    context = drafter.project(target_hidden)
-    for attn, (k, v) in zip(drafter.attn, drafter.context_kv(context, positions)):
-        pool.set_kv_buffer(attn, KVWriteLoc(slots, physical=True), k, v)
+    Fast path (kernel `context_kv`): fc + hidden_norm, ONE matmul for all layers' K/V, then k_norm + RoPE +
+    the scatter into every layer's pool in one launch. Pools the kernel cannot address (quantized or
+    non-[slots, heads, dim] layouts) take the per-layer path through SGLang's `set_kv_buffer`."""
+
+    def __init__(self, drafter, draft_runner) -> None:
+        self.drafter = drafter
+        self.draft_runner = draft_runner  # its KV pool is attached after the worker is built: read it per call
+        self.kernel = dflash_kernels.get("context_kv", draft_runner.device)
+        self._pools = None
+        self._fast: bool | None = None
+
+    @property
+    def pool(self):
+        return self.draft_runner.token_to_kv_pool
+
+    @property
+    def fast(self) -> bool:
+        """Whether the kernel can address the pool (decided on first use, once the pool exists)."""
+        if self._fast is None:
+            self._fast = self._kernel_can_address(self.pool, self.drafter.cfg.num_hidden_layers)
+            logger.info("sglang-dflash: context K/V %s (drafter KV pool %s)",
+                        "stacked, kernel context_kv" if self._fast else "per layer", type(self.pool).__name__)
+        return self._fast
+
+    @staticmethod
+    def _kernel_can_address(pool, num_layers: int) -> bool:
+        from dflash_kernels.context_kv import layer_pools
+
+        k, v = getattr(pool, "k_buffer", None), getattr(pool, "v_buffer", None)
+        if not isinstance(k, list) or not isinstance(v, list) or len(k) != num_layers or len(v) != num_layers:
+            return False
+        if getattr(pool, "is_quantized_kv_cache", False) or getattr(pool, "store_dtype", None) != pool.dtype:
+            return False
+        try:
+            layer_pools(k, v)
+        except ValueError:
+            return False
+        return True
+
+    def layer_pools(self):
+        """The kernel's pointer table, rebuilt only if SGLang replaced a pool tensor (host check, no sync)."""
+        from dflash_kernels.context_kv import layer_pools, same_storage
+
+        k, v = self.pool.k_buffer, self.pool.v_buffer
+        if self._pools is None or not same_storage(self._pools, k, v):
+            self._pools = layer_pools(k, v)
+        return self._pools
+
+    def __call__(self, target_hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        drafter = self.drafter
+        context = drafter.project(target_hidden)
+        if not self.fast:
+            from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+            for attn, (k, v) in zip(drafter.attn, drafter.context_kv(context, positions)):
+                self.pool.set_kv_buffer(attn, KVWriteLoc(slots, physical=True), k, v)
+            return
+        cfg = drafter.cfg
+        w, b, k_norm = drafter.stacked_kv()
+        kv = torch.nn.functional.linear(context, w, b)
+        kv = kv.view(-1, cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim)
+        self.kernel(kv, k_norm, cfg.rms_norm_eps, positions, drafter.drafter.rotary.inv_freq, slots,
+                    self.layer_pools())
 
 
 def _sampling_tensors(sampling_info, rows: int, vocab: int):

@@ -72,6 +72,7 @@ class DFlashWorker(BaseSpecWorker):
         self.target_model = target_runner.model
         stages.check_target(self.target_model)
         self.drafter.attach_target(self.target_model)
+        self.write_context = stages.ContextWriter(self.drafter, self.draft_runner)
         self.mask_token_id = self.drafter.cfg.mask_token_id
         self.timer = StepTimer(envs.timing_enabled(), self.device)
         logger.info("sglang-dflash %s: DFLASH worker active (block size %d, drafter layers %d, target layers %s)",
@@ -106,7 +107,7 @@ class DFlashWorker(BaseSpecWorker):
         target_hidden = res.logits_output.hidden_states  # [num_tokens, K*H]
         res.logits_output.hidden_states = None
         positions = stages.extend_positions(batch)
-        stages.write_context(self.drafter, self.draft_runner, target_hidden, positions, batch.out_cache_loc)
+        self.write_context(target_hidden, positions, batch.out_cache_loc)
         res.new_seq_lens = batch.seq_lens  # same object: the scheduler keeps its lengths
         res.next_draft_input = DFlashDraftInput(bonus_tokens=res.next_token_ids.long(), block_size=self.block_size)
         if on_publish is not None:
@@ -129,8 +130,7 @@ class DFlashWorker(BaseSpecWorker):
         with timer.stage("commit"):
             # drafter context for the block rows (rows past the commit length are overwritten by the
             # next block before anything reads them), then the lengths and the committed run.
-            stages.write_context(self.drafter, self.draft_runner, target_hidden, block.positions.flatten(),
-                                 block.slots.flatten())
+            self.write_context(target_hidden, block.positions.flatten(), block.slots.flatten())
             if on_publish is not None:
                 on_publish(acc.new_seq_lens)
             result = GenerationBatchResult(
