@@ -15,12 +15,16 @@ import torch
 from . import lazy_jit
 
 
-def reference(bonus, seq_lens, req_pool_indices, req_to_token, mask_id: int, B: int):
+def reference(bonus, seq_lens, req_pool_indices, req_to_token, mask_id: int, B: int, out=None):
     positions = seq_lens[:, None].long() + torch.arange(B, device=seq_lens.device)
     slots = req_to_token[req_pool_indices.long()[:, None], positions].long()
     ids = torch.full_like(positions, mask_id)
     ids[:, 0] = bonus
-    return ids, positions, slots
+    if out is None:
+        return ids, positions, slots
+    for buf, value in zip(out, (ids, positions, slots)):
+        buf.copy_(value)
+    return out
 
 
 def triton_impl(bonus, seq_lens, req_pool_indices, req_to_token, mask_id: int, B: int, out=None):

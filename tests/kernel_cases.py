@@ -29,7 +29,9 @@ def check_block_prep(bs, B, device):
     want = block_prep.reference(bonus, seq_lens, rows, req_to_token, 151669, B)
     got = block_prep.triton_impl(bonus, seq_lens, rows, req_to_token, 151669, B,
                                  out=_poisoned(device, (bs, B), (bs, B), (bs, B)))
-    return all(torch.equal(w, o) for w, o in zip(want, got))
+    ref_out = block_prep.reference(bonus, seq_lens, rows, req_to_token, 151669, B,
+                                   out=_poisoned(device, (bs, B), (bs, B), (bs, B)))  # the worker's out= path
+    return all(torch.equal(w, o) and torch.equal(w, r) for w, o, r in zip(want, got, ref_out))
 
 
 def check_greedy_accept(bs, B, V, device):

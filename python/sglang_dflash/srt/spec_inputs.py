@@ -94,15 +94,29 @@ def reserve_block_slots(batch: ScheduleBatch, *, reserve: int) -> None:
             last_loc = get_last_loc(req_to_token, batch.req_pool_indices, cur_t)
             slots = alloc_paged_token_slots_extend(batch.tree_cache, cur_t, cur_cpu, nxt_t, nxt_cpu, last_loc, need,
                                                    req_pool_indices=batch.req_pool_indices, batch=batch)
-        rows = batch.req_pool_indices.tolist()  # sync: host loop over requests; a kernel replaces it on GPU
-        offset = 0
-        for row, a, b in zip(rows, cur, nxt):
-            if b > a:
-                req_to_token[row, a:b] = slots[offset : offset + b - a].to(req_to_token.dtype)
-                offset += b - a
+        # where the new slots go: (row, column) pairs built on the host from what the requests already
+        # know, then one scatter (no device read, so no host sync)
+        rows, cols = block_slot_cells([r.kv.req_pool_idx for r in batch.reqs], cur, nxt)
+        req_to_token[_to(rows, dev), _to(cols, dev)] = slots.to(req_to_token.dtype)
     for req, b in zip(batch.reqs, nxt):
         req.kv.kv_allocated_len = max(req.kv.kv_allocated_len, b)
         req.decode_batch_idx += 1
     committed = torch.tensor([r.kv.kv_committed_len for r in batch.reqs], dtype=torch.int64)
     batch.seq_lens_cpu = committed
     batch.seq_lens_sum = int(committed.sum())
+
+
+def block_slot_cells(rows: list[int], cur: list[int], nxt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The req_to_token cells (row_i, cur_i .. nxt_i - 1) of every request, concatenated, on the host."""
+    counts = torch.tensor([b - a for a, b in zip(cur, nxt)], dtype=torch.int64)
+    start = torch.cumsum(counts, 0) - counts  # where each request's run begins in the flat list
+    step = torch.arange(int(counts.sum())) - start.repeat_interleave(counts)
+    cols = torch.tensor(cur, dtype=torch.int64).repeat_interleave(counts) + step
+    return torch.tensor(rows, dtype=torch.int64).repeat_interleave(counts), cols
+
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    """Host -> device without making the host wait for the device (pinned + non_blocking on CUDA)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

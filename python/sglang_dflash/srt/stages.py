@@ -1,6 +1,7 @@
 """The stages of one SGLang decode step, as functions of tensors and SGLang's batch objects.
 
-    block_layout -> propose (draft tokens) -> accept (tokens to commit, new lengths) ; ContextWriter (drafter K/V)
+    block_layout -> propose (draft tokens) -> verify_ids -> accept (tokens to commit, new lengths)
+    ContextWriter: target hidden states -> drafter K/V (after prefill and after each accept)
 
 Shapes: `bs` requests, `B` block size, `V` vocab, `H` hidden, `K*H` concatenated target features.
 """
@@ -24,11 +25,37 @@ class BlockLayout(NamedTuple):
     slots: torch.Tensor  # [bs, B] int64: KV slot ids req_to_token[row_i, L_i + j]
 
 
-def block_layout(batch, bonus: torch.Tensor, mask_id: int, B: int) -> BlockLayout:
-    """The next block of every request (kernel `block_prep`)."""
+class StepBuffers:
+    """A step's block scratch, allocated once for the most requests SGLang can run at a time (its
+    req_to_token rows) and sliced per step: the block layout and the verify ids. The step's OUTPUTS are
+    not pooled: the scheduler keeps them past the step (with overlap scheduling, while the next step
+    runs). CUDA graphs need none of this: SGLang's graph runners copy inputs into their own static
+    buffers at replay."""
+
+    def __init__(self, max_requests: int, B: int, device) -> None:
+        new = lambda: torch.empty((max_requests, B), dtype=torch.int64, device=device)  # noqa: E731
+        self.max_requests = max_requests
+        self.ids, self.positions, self.slots, self.verify_ids = new(), new(), new(), new()
+
+    def block(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if bs > self.max_requests:
+            raise ValueError(f"sglang-dflash: batch of {bs} requests, step buffers sized for {self.max_requests}")
+        return self.ids[:bs], self.positions[:bs], self.slots[:bs]
+
+
+def block_layout(batch, bonus: torch.Tensor, mask_id: int, B: int, buffers: StepBuffers) -> BlockLayout:
+    """The next block of every request (kernel `block_prep`), written into the step buffers."""
     prep = dflash_kernels.get("block_prep", bonus.device)
     return BlockLayout(*prep(bonus, batch.seq_lens, batch.req_pool_indices, batch.req_to_token_pool.req_to_token,
-                             mask_id, B))
+                             mask_id, B, out=buffers.block(bonus.shape[0])))
+
+
+def verify_ids(block: BlockLayout, drafts: torch.Tensor, buffers: StepBuffers) -> torch.Tensor:
+    """[anchor, d_1 .. d_(B-1)] per request: the tokens the target verifies [bs, B]."""
+    out = buffers.verify_ids[: drafts.shape[0]]
+    out[:, :1] = block.ids[:, :1]
+    out[:, 1:] = drafts
+    return out
 
 
 def extend_positions(batch) -> torch.Tensor:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.managers.tp_worker import TpModelWorker
 from sglang.srt.managers.utils import GenerationBatchResult
@@ -73,6 +72,7 @@ class DFlashWorker(BaseSpecWorker):
         stages.check_target(self.target_model)
         self.drafter.attach_target(self.target_model)
         self.write_context = stages.ContextWriter(self.drafter, self.draft_runner)
+        self.buffers: stages.StepBuffers | None = None
         self.mask_token_id = self.drafter.cfg.mask_token_id
         self.timer = StepTimer(envs.timing_enabled(), self.device)
         logger.info("sglang-dflash %s: DFLASH worker active (block size %d, drafter layers %d, target layers %s)",
@@ -84,8 +84,19 @@ class DFlashWorker(BaseSpecWorker):
         return [("draft", self.draft_runner)]
 
     def init_cuda_graphs(self) -> None:
-        capture = not self.server_args.disable_cuda_graph and self.device != "cpu"
-        self._draft_worker.init_cuda_graphs(capture_decode_cuda_graph=capture)
+        """Capture the drafter's block forward (TARGET_VERIFY, B tokens per request) as SGLang's decode graph
+        runner does for the target's verify: SGLang replays either by itself whenever a batch fits
+        (`ModelRunner._forward_raw`), so the step code is the same with and without graphs."""
+        from sglang.srt.model_executor.cuda_graph_config import Backend
+        from sglang.srt.platforms import current_platform
+        from sglang.srt.runtime_context import get_exec
+        from sglang.srt.speculative.spec_utils import draft_pp_context, draft_tp_context
+
+        capture = get_exec().graph.cuda_graph_config.decode.backend != Backend.DISABLED and self.device != "cpu"
+        if capture and current_platform.is_out_of_tree() and not current_platform.capabilities.graph_capture:
+            capture = False
+        with draft_pp_context(), draft_tp_context(self.draft_parallel_layout):
+            self._draft_worker.init_cuda_graphs(capture_decode_cuda_graph=capture)
 
     @property
     def spec_v2_attn_backends(self) -> tuple:
@@ -119,12 +130,14 @@ class DFlashWorker(BaseSpecWorker):
         timer.begin_step()
         anchor = batch.spec_info.bonus_tokens  # [bs]: last step's bonus, position L
         seq_lens = batch.seq_lens  # [bs]: committed lengths L (the batch fields are rebound below)
-        block = stages.block_layout(batch, anchor, self.mask_token_id, B)  # ids, positions, slots of [L, L+B)
+        if self.buffers is None:  # sized from SGLang's request table, which exists once serving starts
+            self.buffers = stages.StepBuffers(batch.req_to_token_pool.req_to_token.shape[0], B, anchor.device)
+        block = stages.block_layout(batch, anchor, self.mask_token_id, B, self.buffers)  # [L, L+B) of each request
         with timer.stage("draft"):
-            drafts, draft_probs = self._draft(batch, block)
-        verify_ids = torch.cat([anchor[:, None], drafts], dim=1)  # [bs, B]
+            drafts, draft_probs, draft_graph = self._draft(batch, block)
+        verify_ids = stages.verify_ids(block, drafts, self.buffers)  # [bs, B]
         with timer.stage("verify"):
-            logits, target_hidden = self._verify(batch, block, verify_ids)
+            logits, target_hidden, verify_graph = self._verify(batch, block, verify_ids)
         with timer.stage("accept"):
             acc = stages.accept(verify_ids, logits, draft_probs, seq_lens, batch.sampling_info)
         with timer.stage("commit"):
@@ -140,26 +153,30 @@ class DFlashWorker(BaseSpecWorker):
                 new_seq_lens=acc.new_seq_lens,
                 next_draft_input=DFlashDraftInput(bonus_tokens=acc.bonus, block_size=B),
                 speculative_num_draft_tokens=B,
-                can_run_cuda_graph=False,
+                can_run_cuda_graph=draft_graph and verify_graph,  # SGLang's decode log shows it
             )
         timer.end_step()
         return result
 
     def _draft(self, batch, block):
-        """-> drafts [bs, B-1] int64, draft_probs [bs, B-1, V] or None when every request is greedy."""
+        """-> drafts [bs, B-1] int64, draft_probs [bs, B-1, V] or None when every request is greedy,
+        and whether the forward replayed a CUDA graph."""
         B = self.block_size
         fb = self._block_forward_batch(batch, self.draft_runner, block.ids, block, CaptureHiddenMode.NULL)
-        hidden = self.draft_runner.forward(fb).logits_output.hidden_states  # [bs*B, H]
+        out = self.draft_runner.forward(fb)
+        hidden = out.logits_output.hidden_states  # [bs*B, H]; a graph's output buffer: used before the next replay
         hidden = hidden.view(-1, B, hidden.shape[-1])[:, 1:]
-        return stages.propose(self.drafter.draft_logits(hidden), batch.sampling_info)
+        return *stages.propose(self.drafter.draft_logits(hidden), batch.sampling_info), out.can_run_graph
 
     def _verify(self, batch, block, verify_ids):
-        """-> target logits [bs, B, V] float32, target_hidden [bs*B, K*H]."""
+        """-> target logits [bs, B, V] float32, target_hidden [bs*B, K*H], whether a CUDA graph replayed.
+        With a graph both outputs live in its buffers; this step consumes them before the next verify."""
         runner = self.target_worker.model_runner
         fb = self._block_forward_batch(batch, runner, verify_ids, block, CaptureHiddenMode.FULL)
         out = self.target_worker.forward_batch_generation(batch=None, forward_batch=fb, is_verify=True)
         logits = out.logits_output.next_token_logits
-        return logits.view(verify_ids.shape[0], self.block_size, -1), out.logits_output.hidden_states
+        return (logits.view(verify_ids.shape[0], self.block_size, -1), out.logits_output.hidden_states,
+                out.can_run_cuda_graph)
 
     def _block_forward_batch(self, batch, runner, ids, block, capture: CaptureHiddenMode) -> ForwardBatch:
         """A TARGET_VERIFY ForwardBatch of B tokens per request at the block's positions and slots.
