@@ -35,8 +35,9 @@ def test_verify_attention_matches_naive(causal, nh, nkv):
     hd, B, prefix = 8, 4, [5, 0, 9]
     bs, slots_total = len(prefix), 128
     req_to_token = torch.zeros(bs + 1, 64, dtype=torch.int32)
-    perm = torch.randperm(slots_total)
+    perm = torch.randperm(slots_total - 1) + 1
     pool = FakePool(slots_total, nkv, hd)
+    pool.k[0], pool.v[0] = 50.0, -70.0  # slot 0 (SGLang's padding slot): padded key columns read it, masked out
     full_k, full_v = [], []
     used = 0
     for i, L in enumerate(prefix):  # the prefix K/V already in the pool at scattered slots
@@ -63,6 +64,8 @@ def test_verify_attention_matches_naive(causal, nh, nkv):
     k_new = torch.cat([k[-B:] for k in full_k]).view(bs * B, -1)
     v_new = torch.cat([v[-B:] for v in full_v]).view(bs * B, -1)
     got = backend.forward_extend(q, k_new, v_new, layer, fb).view(bs, B, nh, hd)
+    again = backend.forward_extend(q, k_new, v_new, layer, fb).view(bs, B, nh, hd)  # next layer: cached layout
+    torch.testing.assert_close(again, got)
     for i, L in enumerate(prefix):
         for j in range(B):
             for h in range(nh):

@@ -21,6 +21,9 @@ from torch.nn.functional import scaled_dot_product_attention
 
 
 class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
+    _layout_for: tuple | None = None  # (forward batch, causal) the cached layout belongs to
+    _layout: tuple = ()
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         fb = forward_batch
         if not fb.forward_mode.is_target_verify():
@@ -37,23 +40,35 @@ class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
         o_ = o.view(-1, nh, layer.v_head_dim)
         k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_buf = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        # All requests in one padded SDPA call: keys [bs, nkv, T, hd] with T = max(L_i) + B.
-        prefix = fb.seq_lens.long()  # [bs] committed lengths L_i
-        bs = prefix.shape[0]
-        T = int(prefix.max()) + B  # sync: the padded key length (one scalar per layer call)
-        pos = torch.arange(T, device=q.device)
-        valid = pos[None, :] < (prefix + B)[:, None]  # [bs, T]
-        cols = pos.clamp(max=self.req_to_token_pool.req_to_token.shape[1] - 1)
-        slots = self.req_to_token_pool.req_to_token[fb.req_pool_indices.long()[:, None], cols[None, :]].long()
-        slots = torch.where(valid, slots, torch.zeros_like(slots))  # padding reads slot 0, then is zeroed
-        keep = valid[:, :, None, None]
-        key = torch.where(keep, k_buf[slots], 0).to(q.dtype).transpose(1, 2)  # [bs, nkv, T, hd]
-        val = torch.where(keep, v_buf[slots], 0).to(q.dtype).transpose(1, 2)
+        slots, mask = self._verify_layout(fb, B, causal)  # [bs, T], [bs, 1, B, T]: the same for every layer
+        bs = slots.shape[0]
+        key = k_buf[slots].to(q.dtype).transpose(1, 2)  # [bs, nkv, T, hd]
+        val = v_buf[slots].to(q.dtype).transpose(1, 2)
         query = q_.view(bs, B, nh, hd).transpose(1, 2)  # [bs, nh, B, hd]
-        mask = valid[:, None, :].expand(bs, B, T)
-        if causal:  # query j of request i sits at position L_i + j
-            mask = mask & (pos[None, None, :] <= (prefix[:, None] + torch.arange(B, device=q.device))[:, :, None])
-        out = scaled_dot_product_attention(query, key, val, attn_mask=mask[:, None], scale=layer.scaling,
+        out = scaled_dot_product_attention(query, key, val, attn_mask=mask, scale=layer.scaling,
                                            enable_gqa=nh != nkv)
         o_.copy_(out.transpose(1, 2).reshape(bs * B, nh, layer.v_head_dim))
         return o
+
+    def _verify_layout(self, fb, B: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """All requests padded to T = max(L_i) + B keys: the KV slots to read [bs, T] and the visibility mask
+        [bs, 1, B, T]. Computed once per forward (the first layer's call) and reused by the others.
+        Padding reads slot 0 and is masked out: masked keys get zero weight, so their (finite) values
+        never reach the output."""
+        if self._layout_for is not None and self._layout_for[0] is fb and self._layout_for[1] == causal:
+            return self._layout
+        prefix = fb.seq_lens.long()  # [bs] committed lengths L_i
+        host_lens = getattr(fb, "seq_lens_cpu", None)
+        host_lens = prefix if host_lens is None else host_lens  # this backend runs on CPU only: no sync to fear
+        T = int(host_lens.max()) + B
+        dev = prefix.device
+        pos = torch.arange(T, device=dev)
+        valid = pos[None, :] < (prefix + B)[:, None]  # [bs, T]
+        cols = pos.clamp(max=self.req_to_token_pool.req_to_token.shape[1] - 1)
+        slots = self.req_to_token_pool.req_to_token[fb.req_pool_indices.long()[:, None], cols[None, :]].long()
+        slots = torch.where(valid, slots, torch.zeros_like(slots))
+        mask = valid[:, None, :].expand(-1, B, T)
+        if causal:  # query j of request i sits at position L_i + j
+            mask = mask & (pos[None, None, :] <= (prefix[:, None] + torch.arange(B, device=dev))[:, :, None])
+        self._layout_for, self._layout = (fb, causal), (slots, mask[:, None])
+        return self._layout
