@@ -6,7 +6,9 @@
 Measures first the device's copy bandwidth and bf16 matrix rate, then, at batch 1, 8 and 32: the drafter
 forward (5 layers, hidden 2560, 32 heads, 8 KV heads, head dim 128, B = 16, 1024 context tokens), a
 verify-sized forward of the same width (36 such layers, causal), each kernel against its PyTorch
-reference, and one full draft step (block prep + drafter forward + lm_head argmax + greedy accept).
+reference, the whole context write (per layer vs the wired stacked projection + context_kv), and one
+full draft step (block prep + drafter forward + lm_head argmax + greedy accept); on a GPU the draft step
+and the verify-sized forward are also timed as CUDA graphs, as SGLang replays them.
 Each row reports time, and achieved FLOP/s or bytes/s against the measured peaks. Writes
 $OUT/gpu_check.json and $OUT/gpu_check.md.
 """
@@ -51,6 +53,20 @@ def timeit(fn, device, iters: int) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def graph_time(fn, iters: int) -> float:
+    """Median seconds per replay of `fn` captured as one CUDA graph (warm-up on a side stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timeit(graph.replay, "cuda", iters)
 
 
 def peaks(device, dtype, dry: bool, iters: int) -> dict:
@@ -124,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     verify = drafter(shape, shape["target_layers"], device, dtype)  # same layer kind: the width of a verify
     lm_head = torch.randn(V, H, dtype=dtype, device=device) * 0.02
     K = draft.cfg.num_target_features
+    w_stack, b_stack = context_kv.stack_kv_projection(draft.layers)
+    k_norms = torch.stack([ly.self_attn.k_norm.weight for ly in draft.layers])
     with torch.no_grad():
-        for bs in (1, 8, 32):
+        for bs in ((1, 4) if dry else (1, 8, 32)):
             feats = torch.randn(bs, ctx, K * H, dtype=dtype, device=device)
             pos = torch.arange(ctx, device=device)[None].expand(bs, ctx)
             bpos = torch.arange(ctx, ctx + B, device=device)[None].expand(bs, B)
@@ -175,6 +193,25 @@ def main(argv: list[str] | None = None) -> int:
             t_k = timeit(lambda a=cargs: context_kv.triton_impl(*a), device, iters)
             row("context_kv reference", bs, t_ref, nbytes=nbytes)
             row("context_kv kernel", bs, t_k, nbytes=nbytes, note=f"{t_ref / t_k:.2f}x faster than reference")
+            # the whole context write the worker does after each accept (n = bs*B rows), from target hidden
+            # states: per layer (k_proj, v_proj, k_norm, RoPE, two scatters each) vs the wired path (ONE
+            # stacked projection + kernel context_kv)
+            hid = torch.randn(n, K * H, dtype=dtype, device=device)
+
+            def per_layer(hid=hid, cpos=cpos, cslots=cslots, pools=pools):
+                for layer_i, (k, v) in enumerate(draft.context_kv(draft.project(hid[None]), cpos[None])):
+                    pools.k[layer_i][cslots] = k[0]
+                    pools.v[layer_i][cslots] = v[0]
+
+            def stacked(hid=hid, cpos=cpos, cslots=cslots, pools=pools, kv_shape=(n, L, 2, nkv, hd)):
+                kv = torch.nn.functional.linear(draft.project(hid), w_stack, b_stack).view(kv_shape)
+                context_kv.triton_impl(kv, k_norms, 1e-6, cpos, draft.rotary.inv_freq, cslots, pools)
+
+            t_per, t_stk = timeit(per_layer, device, iters), timeit(stacked, device, iters)
+            ctx_flops = 2 * n * (K * H * H + H * L * 2 * nkv * hd)
+            row("context write, per layer", bs, t_per, flops=ctx_flops)
+            row("context write, stacked + context_kv (wired)", bs, t_stk, flops=ctx_flops,
+                note=f"{t_per / t_stk:.2f}x faster than per layer")
             # one whole draft step: block prep + drafter forward + lm_head argmax + greedy accept
             def step(kv_d=kv_d, seq=seq, rows_=rows_, r2t=r2t, bonus=bonus, emb=emb):
                 ids, positions, _ = block_prep.triton_impl(bonus, seq, rows_, r2t, 1, B)
@@ -186,6 +223,16 @@ def main(argv: list[str] | None = None) -> int:
             t_step = timeit(step, device, iters)
             row("draft step (prep + drafter + lm_head argmax + accept)", bs, t_step,
                 note=f"{t_step / t_verify:.2f} of one verify-sized forward")
+            if device == "cuda":  # SGLang replays both forwards as CUDA graphs: compare them that way too
+                try:
+                    g_step = graph_time(step, iters)
+                    g_verify = graph_time(lambda emb=emb, bpos=bpos, kv_v=kv_v, causal=causal:
+                                          verify(emb, bpos, kv_v, causal), iters)
+                    row("verify-sized forward, CUDA graph", bs, g_verify,
+                        flops=shape["target_layers"] * layer_flops(shape, bs * B, ctx + B))
+                    row("draft step, CUDA graph", bs, g_step, note=f"{g_step / g_verify:.2f} of one verify (graphs)")
+                except Exception as e:  # report, never lose the rest of the run
+                    row("CUDA graph timing", bs, 0.0, note=f"failed: {type(e).__name__}: {e}"[:200])
     (out_dir / "gpu_check.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = [f"# GPU check ({res['device']}, torch {res['torch']})", "",
              f"Peaks measured first: copy {pk['copy_bytes_per_s'] / 1e9:.1f} GB/s, "

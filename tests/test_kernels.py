@@ -57,5 +57,6 @@ def test_gpu_check_dry_run(tmp_path):
 
     rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
     assert {r["name"] for r in rows} >= {"drafter forward", "block_prep kernel", "greedy_accept kernel",
-                                         "sample_accept kernel", "context_kv kernel"}
+                                         "sample_accept kernel", "context_kv kernel",
+                                         "context write, stacked + context_kv (wired)"}
     assert "14 passed, 0 failed" in (tmp_path / "kernel_sweep.txt").read_text()
