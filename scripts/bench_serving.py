@@ -1,6 +1,6 @@
 """Serving benchmark: the same SGLang server with DFLASH and without, side by side in one run.
 
-    .venv/bin/python scripts/bench_serving.py [--concurrency 1,4,16] [--max-new-tokens 64] [--rounds 1]
+    .venv/bin/python scripts/bench_serving.py [--concurrency 1,4,16] [--max-new-tokens 64] [--requests 32] [--timing]
         [--model DIR --draft DIR] [--out docs/bench_serving] [-- extra SGLang server args]
 
 Both servers serve the fixed prompt set shipped in `sglang_dflash/assets/bench_prompts.json` (code, prose,
