@@ -10,10 +10,12 @@ from sglang_dflash.reference import generate
 from sglang_dflash.sampling import SamplingParams, probs_for
 from sglang_server import Server, start_all
 
-SHAPES = {  # name: (target kwargs, drafter kwargs)
-    "b4_gqa2": (dict(heads=4, kv_heads=2, layers=3, seed=11), dict(layers=1, block_size=4, layer_ids=(0, 1))),
-    "b8_mha": (dict(heads=4, kv_heads=4, layers=4, seed=12), dict(layers=2, block_size=8, layer_ids=(0, 2))),
-    "b16_gqa4": (dict(heads=4, kv_heads=1, layers=3, seed=13), dict(layers=2, block_size=16, layer_ids=(1,))),
+SHAPES = {  # name: (target kwargs, drafter kwargs, extra server args)
+    "b4_gqa2": (dict(heads=4, kv_heads=2, layers=3, seed=11), dict(layers=1, block_size=4, layer_ids=(0, 1)), ()),
+    # KV pages of 4 slots: block slots are reserved in whole pages (reserve_block_slots' paged branch)
+    "b8_mha_page4": (dict(heads=4, kv_heads=4, layers=4, seed=12), dict(layers=2, block_size=8, layer_ids=(0, 2)),
+                     ("--page-size", "4")),
+    "b16_gqa4": (dict(heads=4, kv_heads=1, layers=3, seed=13), dict(layers=2, block_size=16, layer_ids=(1,)), ()),
 }
 PROMPTS = [[(7 * i + 3 * j) % 60 + 2 for j in range(3 + (i * 5) % 29)] for i in range(20)]
 
@@ -31,10 +33,10 @@ def _save_pair(root, name, t_kw, d_kw):
 def pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pairs")
     models, servers = {}, {}
-    for name, (t_kw, d_kw) in SHAPES.items():
+    for name, (t_kw, d_kw, extra) in SHAPES.items():
         models[name] = _save_pair(root, name, t_kw, d_kw)
         servers[name] = Server(root / name / "target", root / name / "draft", "--skip-tokenizer-init",
-                               "--max-total-tokens", "4096")
+                               "--max-total-tokens", "4096", *extra)
     start_all(*servers.values())
     yield models, servers
     for s in servers.values():
