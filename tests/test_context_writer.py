@@ -48,9 +48,11 @@ def _model(bias: bool):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_context_writer_writes_the_drafters_kv(bias, quantized):
+@pytest.mark.parametrize("chunk_rows", [2048, 4])  # 4: the 9 rows are written in three chunks
+def test_context_writer_writes_the_drafters_kv(bias, quantized, chunk_rows, monkeypatch):
     from sglang_dflash.srt.stages import ContextWriter
 
+    monkeypatch.setattr(ContextWriter, "CHUNK_ROWS", chunk_rows)
     model = _model(bias)
     c = model.cfg
     pool = FakePool(c.num_hidden_layers, 40, c.num_key_value_heads, c.head_dim, quantized=quantized)
@@ -81,3 +83,13 @@ def test_stacked_projection_follows_reloaded_weights():
     assert not torch.equal(w_before, w_after)
     torch.testing.assert_close(w_after[: w_after.shape[0] // (2 * model.cfg.num_hidden_layers)],
                                new["layers.0.self_attn.k_proj.weight"])
+
+
+def test_pool_with_other_head_shape_is_not_addressed_by_the_kernel():
+    """The kernel takes the row layout from the drafter's config: a pool shaped otherwise must not get it."""
+    from sglang_dflash.srt.stages import ContextWriter
+
+    model = _model(False)
+    c = model.cfg
+    pool = FakePool(c.num_hidden_layers, 40, c.num_key_value_heads * 2, c.head_dim // 2)
+    assert not ContextWriter(model, types.SimpleNamespace(token_to_kv_pool=pool, device="cpu")).fast

@@ -90,7 +90,7 @@ def reserve_block_slots(batch: ScheduleBatch, *, reserve: int) -> None:
             slots = alloc_token_slots(batch.tree_cache, need)
         else:
             cur_cpu, nxt_cpu = torch.tensor(cur, dtype=torch.int64), torch.tensor(nxt, dtype=torch.int64)
-            cur_t, nxt_t = cur_cpu.to(dev), nxt_cpu.to(dev)
+            cur_t, nxt_t = _to(cur_cpu, dev), _to(nxt_cpu, dev)
             last_loc = get_last_loc(req_to_token, batch.req_pool_indices, cur_t)
             slots = alloc_paged_token_slots_extend(batch.tree_cache, cur_t, cur_cpu, nxt_t, nxt_cpu, last_loc, need,
                                                    req_pool_indices=batch.req_pool_indices, batch=batch)
@@ -116,7 +116,8 @@ def block_slot_cells(rows: list[int], cur: list[int], nxt: list[int]) -> tuple[t
 
 
 def _to(t: torch.Tensor, device) -> torch.Tensor:
-    """Host -> device without making the host wait for the device (pinned + non_blocking on CUDA)."""
-    if torch.device(device).type == "cuda":
+    """Host -> device without making the host wait for the device: a pinned staging copy (from PyTorch's
+    caching host allocator) and a non-blocking upload, on CUDA; a plain copy elsewhere."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

@@ -72,6 +72,8 @@ class ContextWriter:
     the scatter into every layer's pool in one launch. Pools the kernel cannot address (quantized or
     non-[slots, heads, dim] layouts) take the per-layer path through SGLang's `set_kv_buffer`."""
 
+    CHUNK_ROWS = 2048
+
     def __init__(self, drafter, draft_runner) -> None:
         self.drafter = drafter
         self.draft_runner = draft_runner  # its KV pool is attached after the worker is built: read it per call
@@ -87,17 +89,23 @@ class ContextWriter:
     def fast(self) -> bool:
         """Whether the kernel can address the pool (decided on first use, once the pool exists)."""
         if self._fast is None:
-            self._fast = self._kernel_can_address(self.pool, self.drafter.cfg.num_hidden_layers)
+            cfg = self.drafter.cfg
+            self._fast = self._kernel_can_address(self.pool, cfg.num_hidden_layers,
+                                                  (cfg.num_key_value_heads, cfg.head_dim))
             logger.info("sglang-dflash: context K/V %s (drafter KV pool %s)",
                         "stacked, kernel context_kv" if self._fast else "per layer", type(self.pool).__name__)
         return self._fast
 
     @staticmethod
-    def _kernel_can_address(pool, num_layers: int) -> bool:
+    def _kernel_can_address(pool, num_layers: int, heads_dim: tuple[int, int]) -> bool:
+        """A plain per-layer [slots, kv_heads, head_dim] pool in the model's dtype, with the drafter's own
+        head shape (the kernel takes the row layout from the drafter's config)."""
         from dflash_kernels.context_kv import layer_pools
 
         k, v = getattr(pool, "k_buffer", None), getattr(pool, "v_buffer", None)
         if not isinstance(k, list) or not isinstance(v, list) or len(k) != num_layers or len(v) != num_layers:
+            return False
+        if tuple(k[0].shape[1:]) != heads_dim:
             return False
         if getattr(pool, "is_quantized_kv_cache", False) or getattr(pool, "store_dtype", None) != pool.dtype:
             return False
@@ -127,10 +135,14 @@ class ContextWriter:
             return
         cfg = drafter.cfg
         w, b, k_norm = drafter.stacked_kv()
-        kv = torch.nn.functional.linear(context, w, b)
-        kv = kv.view(-1, cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim)
-        self.kernel(kv, k_norm, cfg.rms_norm_eps, positions, drafter.drafter.rotary.inv_freq, slots,
-                    self.layer_pools())
+        pools, inv_freq = self.layer_pools(), drafter.drafter.rotary.inv_freq
+        # in chunks of rows: the stacked K/V of a long prefill chunk would otherwise be one large temporary
+        # (8192 rows x 5 layers x 2 x 8 x 128 in bf16 = 168 MB) on top of a KV pool sized to fill memory
+        for start in range(0, context.shape[0], self.CHUNK_ROWS):
+            rows = slice(start, start + self.CHUNK_ROWS)
+            kv = torch.nn.functional.linear(context[rows], w, b)
+            kv = kv.view(-1, cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim)
+            self.kernel(kv, k_norm, cfg.rms_norm_eps, positions[rows], inv_freq, slots[rows], pools)
 
 
 def _sampling_tensors(sampling_info, rows: int, vocab: int):

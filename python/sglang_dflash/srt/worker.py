@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.managers.tp_worker import TpModelWorker
 from sglang.srt.managers.utils import GenerationBatchResult
@@ -95,6 +96,12 @@ class DFlashWorker(BaseSpecWorker):
         capture = get_exec().graph.cuda_graph_config.decode.backend != Backend.DISABLED and self.device != "cpu"
         if capture and current_platform.is_out_of_tree() and not current_platform.capabilities.graph_capture:
             capture = False
+        if capture and str(self.device).startswith("cuda"):  # as SGLang's own DFLASH: no capture in < 1 GiB
+            free_gib = torch.cuda.mem_get_info()[0] / (1 << 30)
+            if free_gib < 1.0:
+                capture = False
+                logger.warning("sglang-dflash: %.2f GiB of GPU memory free after the target's setup; the drafter "
+                               "runs without CUDA graphs", free_gib)
         with draft_pp_context(), draft_tp_context(self.draft_parallel_layout):
             self._draft_worker.init_cuda_graphs(capture_decode_cuda_graph=capture)
 
