@@ -41,6 +41,9 @@ def layer_pools(k: list[torch.Tensor], v: list[torch.Tensor]) -> LayerPools:
                              f"stride {first.stride()} {first.dtype}")
     if first.stride(2) != 1 or first.stride(1) != first.shape[2]:
         raise ValueError(f"context_kv: pool rows must be contiguous [kv_heads, head_dim], got stride {first.stride()}")
+    misaligned = [t.data_ptr() for t in [*k, *v] if t.data_ptr() % 16]
+    if misaligned:  # the kernel promises Triton 16-byte aligned pool starts (vector stores)
+        raise ValueError(f"context_kv: pool tensors must start 16-byte aligned, got addresses {misaligned[:3]}")
     table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64).to(first.device)  # noqa: E731
     return LayerPools(list(k), list(v), table(k), table(v))
 
@@ -96,8 +99,10 @@ def _kernel():
         # k_like / v_like: layer 0's pools, passed only for their element type
         t = tl.program_id(0).to(tl.int64)
         layer = tl.program_id(1).to(tl.int64)
-        k_pool = tl.load(k_ptrs + layer).to(k_like.dtype, bitcast=True)
-        v_pool = tl.load(v_ptrs + layer).to(v_like.dtype, bitcast=True)
+        # pool tensors start 16-byte aligned (PyTorch allocations; SGLang's V half starts a whole row block
+        # later): say so, or the cast from an integer drops the alignment and every store goes 2 bytes wide
+        k_pool = tl.multiple_of(tl.load(k_ptrs + layer).to(k_like.dtype, bitcast=True), 16)
+        v_pool = tl.multiple_of(tl.load(v_ptrs + layer).to(v_like.dtype, bitcast=True), 16)
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, HALF)[None, :]
         live = h < NKV
