@@ -27,20 +27,22 @@ class BlockLayout(NamedTuple):
 
 class StepBuffers:
     """A step's block scratch, allocated once for the most requests SGLang can run at a time (its
-    req_to_token rows) and sliced per step: the block layout and the verify ids. The step's OUTPUTS are
-    not pooled: the scheduler keeps them past the step (with overlap scheduling, while the next step
-    runs). CUDA graphs need none of this: SGLang's graph runners copy inputs into their own static
-    buffers at replay."""
+    req_to_token rows) and sliced per step: block ids, positions and the verify ids. Not pooled: what
+    SGLang may keep past the step: the outputs (the scheduler reads them while the next step runs under
+    overlap scheduling) and the block's KV slots (they become `batch.out_cache_loc`, which SGLang 0.5.23
+    hands to a unified-memory allocator as this forward's write set). CUDA graphs need none of this:
+    SGLang's graph runners copy inputs into their own static buffers at replay."""
 
     def __init__(self, max_requests: int, B: int, device) -> None:
         new = lambda: torch.empty((max_requests, B), dtype=torch.int64, device=device)  # noqa: E731
         self.max_requests = max_requests
-        self.ids, self.positions, self.slots, self.verify_ids = new(), new(), new(), new()
+        self.ids, self.positions, self.verify_ids = new(), new(), new()
 
     def block(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, positions, slots) for `bs` requests; slots freshly allocated (see above)."""
         if bs > self.max_requests:
             raise ValueError(f"sglang-dflash: batch of {bs} requests, step buffers sized for {self.max_requests}")
-        return self.ids[:bs], self.positions[:bs], self.slots[:bs]
+        return self.ids[:bs], self.positions[:bs], torch.empty_like(self.positions[:bs])
 
 
 def block_layout(batch, bonus: torch.Tensor, mask_id: int, B: int, buffers: StepBuffers) -> BlockLayout:
