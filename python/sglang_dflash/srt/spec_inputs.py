@@ -41,14 +41,23 @@ class DFlashDraftInput(SpecInput):
     def prepare_for_decode(self, batch: ScheduleBatch) -> None:
         reserve_block_slots(batch, reserve=2 * self.block_size)
 
+    # Under overlap scheduling the bonus tokens of the step in flight are relayed through SGLang's FutureMap:
+    # `future_indices` (one FutureMap row per request) must then follow every filter and merge, since the
+    # next forward gathers `bonus_tokens` from those rows (`FutureMap._resolve_spec_extras`).
     def filter_batch(self, new_indices: torch.Tensor, new_indices_cpu=None) -> None:
         self.bonus_tokens = self.bonus_tokens[new_indices]
+        if self.future_indices is not None:
+            self.future_indices = self.future_indices[new_indices]
         self.__post_init__()
 
     def merge_batch(self, other: DFlashDraftInput | None) -> None:
         if other is None:
             return
+        if (self.future_indices is None) != (other.future_indices is None):
+            raise RuntimeError("sglang-dflash: merging a relayed (overlap) draft input with a direct one")
         self.bonus_tokens = torch.cat([self.bonus_tokens, other.bonus_tokens])
+        if self.future_indices is not None:
+            self.future_indices = torch.cat([self.future_indices, other.future_indices])
         self.__post_init__()
 
 
