@@ -75,3 +75,8 @@ def test_missing_draft_directory(good):
 def test_block_size_below_two(good):
     _refused(Server(good / "target", good / "draft", "--skip-tokenizer-init", "--speculative-num-draft-tokens", "1"),
              ["block_size=1", ">= 2"])
+
+
+def test_mixed_chunk_refused_at_start(good):
+    _refused(Server(good / "target", good / "draft", "--skip-tokenizer-init", "--enable-mixed-chunk"),
+             ["--enable-mixed-chunk is not supported"])

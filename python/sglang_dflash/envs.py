@@ -3,10 +3,12 @@
 SGLANG_ENABLE_DFLASH_SPEC_V2=1 (or SGLANG_ENABLE_SPEC_V2=1): serve DFLASH with SGLang's overlap scheduler
     (the V2 path: the scheduler prepares the next batch while this one runs; bonus tokens and lengths
     travel through its FutureMap). Off by default: DFLASH runs the synchronous scheduler.
-    SGLANG_ENABLE_OVERLAP_PLAN_STREAM=1 is read by SGLang itself (plan stream for decode preparation).
-    SGLang 0.5.23 never overlaps speculative decoding on CPU (it forces the synchronous scheduler there).
+    SGLANG_ENABLE_OVERLAP_PLAN_STREAM has no effect with our worker: for DFLASH, SGLang 0.5.23 reads it
+    only in its own draft input, which ours replaces. SGLang 0.5.23 never overlaps speculative decoding
+    on CPU (it forces the synchronous scheduler there).
 SGLANG_DFLASH_TIMING=1: time the stages of every decode step (draft, verify, accept, commit) and log the
-    split of every 50 steps; off by default (it synchronises the device after each stage).
+    split of every 50 steps; off by default (it synchronises the device after each stage, which also
+    serialises an overlapped scheduler: use it to see the split, not to measure throughput).
 """
 
 from __future__ import annotations

@@ -44,10 +44,14 @@ class DFlashDraftInput(SpecInput):
     # Under overlap scheduling the bonus tokens of the step in flight are relayed through SGLang's FutureMap:
     # `future_indices` (one FutureMap row per request) must then follow every filter and merge, since the
     # next forward gathers `bonus_tokens` from those rows (`FutureMap._resolve_spec_extras`).
+    # `bonus_tokens` of a relayed input is then only a placeholder of the right size: the real values may
+    # still be in flight on the forward stream, so they are not read here.
     def filter_batch(self, new_indices: torch.Tensor, new_indices_cpu=None) -> None:
-        self.bonus_tokens = self.bonus_tokens[new_indices]
         if self.future_indices is not None:
             self.future_indices = self.future_indices[new_indices]
+            self.bonus_tokens = torch.empty_like(self.future_indices, dtype=torch.int64)
+        else:
+            self.bonus_tokens = self.bonus_tokens[new_indices]
         self.__post_init__()
 
     def merge_batch(self, other: DFlashDraftInput | None) -> None:
@@ -55,9 +59,11 @@ class DFlashDraftInput(SpecInput):
             return
         if (self.future_indices is None) != (other.future_indices is None):
             raise RuntimeError("sglang-dflash: merging a relayed (overlap) draft input with a direct one")
-        self.bonus_tokens = torch.cat([self.bonus_tokens, other.bonus_tokens])
         if self.future_indices is not None:
             self.future_indices = torch.cat([self.future_indices, other.future_indices])
+            self.bonus_tokens = torch.empty_like(self.future_indices, dtype=torch.int64)
+        else:
+            self.bonus_tokens = torch.cat([self.bonus_tokens, other.bonus_tokens])
         self.__post_init__()
 
 

@@ -39,6 +39,9 @@ class DFlashWorker(BaseSpecWorker):
         from sglang.srt.speculative.draft_parallel import model_draft_parallel_spec, resolve_draft_parallel_layout
         from sglang.srt.speculative.spec_utils import draft_pp_context, draft_tp_context
 
+        if server_args.enable_mixed_chunk:
+            raise ValueError("sglang-dflash: --enable-mixed-chunk is not supported (prefill and decode of one batch "
+                             "in one forward); start without it")
         if server_args.tp_size != 1 or server_args.enable_dp_attention:
             raise ValueError(f"sglang-dflash: tp_size={server_args.tp_size}, enable_dp_attention="
                              f"{server_args.enable_dp_attention}; only tp_size=1 without DP attention is supported yet")
@@ -122,14 +125,14 @@ class DFlashWorker(BaseSpecWorker):
         if batch.forward_mode.is_mixed():
             raise NotImplementedError("sglang-dflash: --enable-mixed-chunk is not supported")
         res = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
+        if on_publish is not None:  # lengths are known now: let an overlapped scheduler plan the next batch
+            on_publish(batch.seq_lens)
         target_hidden = res.logits_output.hidden_states  # [num_tokens, K*H]
         res.logits_output.hidden_states = None
         positions = stages.extend_positions(batch)
         self.write_context(target_hidden, positions, batch.out_cache_loc)
         res.new_seq_lens = batch.seq_lens  # same object: the scheduler keeps its lengths
         res.next_draft_input = DFlashDraftInput(bonus_tokens=res.next_token_ids.long(), block_size=self.block_size)
-        if on_publish is not None:
-            on_publish(batch.seq_lens)
         return res
 
     def _decode(self, batch, on_publish) -> GenerationBatchResult:
@@ -137,6 +140,8 @@ class DFlashWorker(BaseSpecWorker):
         timer.begin_step()
         anchor = batch.spec_info.bonus_tokens  # [bs]: last step's bonus, position L
         seq_lens = batch.seq_lens  # [bs]: committed lengths L (the batch fields are rebound below)
+        if seq_lens.is_cuda:  # read on this stream; under overlap the scheduler's stream produced it
+            seq_lens.record_stream(torch.cuda.current_stream())
         if self.buffers is None:  # sized from SGLang's request table, which exists once serving starts
             self.buffers = stages.StepBuffers(batch.req_to_token_pool.req_to_token.shape[0], B, anchor.device)
         block = stages.block_layout(batch, anchor, self.mask_token_id, B, self.buffers)  # [L, L+B) of each request
@@ -147,12 +152,12 @@ class DFlashWorker(BaseSpecWorker):
             logits, target_hidden, verify_graph = self._verify(batch, block, verify_ids)
         with timer.stage("accept"):
             acc = stages.accept(verify_ids, logits, draft_probs, seq_lens, batch.sampling_info)
+            if on_publish is not None:  # as soon as the lengths exist, before the commit's work
+                on_publish(acc.new_seq_lens)
         with timer.stage("commit"):
             # drafter context for the block rows (rows past the commit length are overwritten by the
-            # next block before anything reads them), then the lengths and the committed run.
+            # next block before anything reads them), then the committed run.
             self.write_context(target_hidden, block.positions.flatten(), block.slots.flatten())
-            if on_publish is not None:
-                on_publish(acc.new_seq_lens)
             result = GenerationBatchResult(
                 logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=None),
                 next_token_ids=acc.tokens.flatten(),
