@@ -32,7 +32,7 @@ class LayerPools(NamedTuple):
 
 def layer_pools(k: list[torch.Tensor], v: list[torch.Tensor]) -> LayerPools:
     """Check the per-layer tensors share one layout (the kernel uses one set of strides) and build the
-    address table. Build it once and again only when a pool tensor moves (`same_storage`)."""
+    address table, once: it stays valid as long as the pool tensors do."""
     first = k[0]
     for t in [*k, *v]:
         if t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype or t.dim() != 3:
@@ -46,12 +46,6 @@ def layer_pools(k: list[torch.Tensor], v: list[torch.Tensor]) -> LayerPools:
         raise ValueError(f"context_kv: pool tensors must start 16-byte aligned, got addresses {misaligned[:3]}")
     table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64).to(first.device)  # noqa: E731
     return LayerPools(list(k), list(v), table(k), table(v))
-
-
-def same_storage(pools: LayerPools, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
-    """Host-side check (no device sync) that `pools` still describes these tensors."""
-    same = lambda xs, ys: len(xs) == len(ys) and all(a is b for a, b in zip(xs, ys))  # noqa: E731
-    return same(pools.k, k) and same(pools.v, v)
 
 
 def stack_kv_projection(layers) -> tuple[torch.Tensor, torch.Tensor | None]:

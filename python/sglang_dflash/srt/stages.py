@@ -89,42 +89,34 @@ class ContextWriter:
 
     @property
     def fast(self) -> bool:
-        """Whether the kernel can address the pool (decided on first use, once the pool exists)."""
+        """Whether the kernel can address the pool; decided, and its address table built, on first use (the
+        pool exists by then; SGLang 0.5.23 allocates its tensors once and never replaces them)."""
         if self._fast is None:
             cfg = self.drafter.cfg
-            self._fast = self._kernel_can_address(self.pool, cfg.num_hidden_layers,
-                                                  (cfg.num_key_value_heads, cfg.head_dim))
+            self._pools = self._kernel_pools(self.pool, cfg.num_hidden_layers, (cfg.num_key_value_heads, cfg.head_dim))
+            self._fast = self._pools is not None
             logger.info("sglang-dflash: context K/V %s (drafter KV pool %s)",
                         "stacked, kernel context_kv" if self._fast else "per layer", type(self.pool).__name__)
         return self._fast
 
     @staticmethod
-    def _kernel_can_address(pool, num_layers: int, heads_dim: tuple[int, int]) -> bool:
-        """A plain per-layer [slots, kv_heads, head_dim] pool in the model's dtype, with the drafter's own
-        head shape (the kernel takes the row layout from the drafter's config)."""
+    def _kernel_pools(pool, num_layers: int, heads_dim: tuple[int, int]):
+        """The kernel's address table for a plain per-layer [slots, kv_heads, head_dim] pool in the model's
+        dtype with the drafter's own head shape (the kernel takes the row layout from the drafter's
+        config); None for any other pool."""
         from dflash_kernels.context_kv import layer_pools
 
         k, v = getattr(pool, "k_buffer", None), getattr(pool, "v_buffer", None)
         if not isinstance(k, list) or not isinstance(v, list) or len(k) != num_layers or len(v) != num_layers:
-            return False
+            return None
         if tuple(k[0].shape[1:]) != heads_dim:
-            return False
+            return None
         if getattr(pool, "is_quantized_kv_cache", False) or getattr(pool, "store_dtype", None) != pool.dtype:
-            return False
+            return None
         try:
-            layer_pools(k, v)
+            return layer_pools(k, v)
         except ValueError:
-            return False
-        return True
-
-    def layer_pools(self):
-        """The kernel's pointer table, rebuilt only if SGLang replaced a pool tensor (host check, no sync)."""
-        from dflash_kernels.context_kv import layer_pools, same_storage
-
-        k, v = self.pool.k_buffer, self.pool.v_buffer
-        if self._pools is None or not same_storage(self._pools, k, v):
-            self._pools = layer_pools(k, v)
-        return self._pools
+            return None
 
     def __call__(self, target_hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
         drafter = self.drafter
@@ -137,7 +129,7 @@ class ContextWriter:
             return
         cfg = drafter.cfg
         w, b, k_norm = drafter.stacked_kv()
-        pools, inv_freq = self.layer_pools(), drafter.drafter.rotary.inv_freq
+        pools, inv_freq = self._pools, drafter.drafter.rotary.inv_freq
         # in chunks of rows: the stacked K/V of a long prefill chunk would otherwise be one large temporary
         # (8192 rows x 5 layers x 2 x 8 x 128 in bf16 = 168 MB) on top of a KV pool sized to fill memory
         for start in range(0, context.shape[0], self.CHUNK_ROWS):
