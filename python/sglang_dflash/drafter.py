@@ -16,6 +16,7 @@ once per committed token (`context_kv`) and keeps it in a cache; the block's K/V
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -56,6 +57,31 @@ class Rotary(nn.Module):
         return (x.float() * cos + rotated * sin).to(x.dtype)
 
 
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""The attention seam: (q [bs, n, nh, hd], block k, v [bs, n, nkv, hd]) -> [bs, n, nh*hd], attending
+NON-causally over the layer's context K/V and the block's own. The reference passes `sdpa_over_context`;
+SGLang's drafter passes its RadixAttention (context K/V in the KV pool)."""
+
+
+def sdpa_over_context(ctx_k: torch.Tensor, ctx_v: torch.Tensor, mask: torch.Tensor | None) -> Attend:
+    """Plain SDPA over [context ; block]: ctx_k/ctx_v [bs, C, nkv, hd]; mask [bs, n, C + n] bool
+    (True = visible) or None (everything visible)."""
+
+    def attend(q: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor) -> torch.Tensor:
+        bs, n, nh, hd = q.shape
+        k = torch.cat([ctx_k.to(k_blk.dtype), k_blk], dim=1).transpose(1, 2)  # [bs, nkv, C+n, hd]
+        v = torch.cat([ctx_v.to(v_blk.dtype), v_blk], dim=1).transpose(1, 2)
+        groups = nh // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        attn_mask = None if mask is None else mask[:, None, :, :]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask, is_causal=False)
+        return out.transpose(1, 2).reshape(bs, n, nh * hd)
+
+    return attend
+
+
 class DrafterAttention(nn.Module):
     def __init__(self, cfg: DFlashConfig, rotary: Rotary) -> None:
         super().__init__()
@@ -76,27 +102,12 @@ class DrafterAttention(nn.Module):
         v = self.v_proj(x).view(bs, n, self.nkv, self.hd)
         return self.rotary[0](k, positions), v
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [bs, Q, H] normed block hidden
-        positions: torch.Tensor,  # [bs, Q] int64
-        ctx_k: torch.Tensor,  # [bs, C, nkv, hd]
-        ctx_v: torch.Tensor,  # [bs, C, nkv, hd]
-        mask: torch.Tensor | None,  # [bs, Q, C + Q] bool (True = visible) or None = all visible
-    ) -> torch.Tensor:
-        bs, q_len, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(bs, q_len, self.nh, self.hd))
-        q = self.rotary[0](q, positions)
-        k_blk, v_blk = self.kv(x, positions)
-        k = torch.cat([ctx_k, k_blk], dim=1).transpose(1, 2)  # [bs, nkv, C+Q, hd]
-        v = torch.cat([ctx_v, v_blk], dim=1).transpose(1, 2)
-        groups = self.nh // self.nkv
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        attn_mask = None if mask is None else mask[:, None, :, :]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask, is_causal=False)
-        return self.o_proj(out.transpose(1, 2).reshape(bs, q_len, self.nh * self.hd))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """x [bs, n, H] normed block hidden, positions [bs, n] int64 -> [bs, n, H]."""
+        bs, n, _ = x.shape
+        q = self.rotary[0](self.q_norm(self.q_proj(x).view(bs, n, self.nh, self.hd)), positions)
+        k, v = self.kv(x, positions)
+        return self.o_proj(attend(q, k, v))
 
 
 class DrafterMLP(nn.Module):
@@ -118,8 +129,9 @@ class DrafterLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, positions, ctx_k, ctx_v, mask):
-        h = h + self.self_attn(self.input_layernorm(h), positions, ctx_k, ctx_v, mask)
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """h [bs, n, H] block hidden, positions [bs, n] -> h after this layer [bs, n, H]."""
+        h = h + self.self_attn(self.input_layernorm(h), positions, attend)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -155,7 +167,7 @@ class DFlashDrafter(nn.Module):
         """-> drafter hidden [bs, Q, H] after the final norm."""
         h = block_embeds
         for layer, (k, v) in zip(self.layers, ctx_kv):
-            h = layer(h, positions, k.to(h.dtype), v.to(h.dtype), mask)
+            h = layer(h, positions, sdpa_over_context(k, v, mask))
         return self.norm(h)
 
     # ------------------------------------------------------------------------------------------
@@ -169,25 +181,10 @@ class DFlashDrafter(nn.Module):
         block_size: int | None = None,
     ) -> "DFlashDrafter":
         """Load a z-lab drafter directory (config.json + *.safetensors or pytorch_model.bin),
-        with strict key checking."""
+        strictly (`load_weights_into`)."""
         cfg = DFlashConfig.from_pretrained(path, block_size=block_size)
-        state = load_state_dict(Path(path))
         model = cls(cfg)
-        expected = set(model.state_dict())
-        missing = sorted(expected - set(state))
-        unexpected = sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"DFlash drafter {str(path)!r}: checkpoint does not match the config: "
-                f"missing tensors {missing}, unexpected tensors {unexpected}"
-            )
-        for name, param in model.state_dict().items():
-            if state[name].shape != param.shape:
-                raise ValueError(
-                    f"DFlash drafter {str(path)!r}: tensor {name} has shape {tuple(state[name].shape)}, "
-                    f"expected {tuple(param.shape)}"
-                )
-        model.load_state_dict(state, strict=True)
+        load_weights_into(model.state_dict(), load_state_dict(Path(path)).items(), str(path))
         return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
@@ -195,7 +192,8 @@ class DFlashDrafter(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in self.state_dict().items()}
+        cast = (lambda t: t.to(dtype)) if dtype else (lambda t: t)  # noqa: E731
+        state = {k: cast(v).contiguous().cpu() for k, v in self.state_dict().items()}  # sync: saving, not a step
         save_file(state, path / "model.safetensors", metadata={"format": "pt"})
         raw = self.cfg.to_dict()
         raw["dtype"] = str(dtype or next(self.parameters()).dtype).removeprefix("torch.")
@@ -219,3 +217,33 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     else:
         raise ValueError(f"DFlash drafter: {str(path)!r} has no *.safetensors or pytorch_model.bin weights")
     return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def load_weights_into(own: dict[str, torch.Tensor], weights: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
+    """Copy checkpoint tensors into a drafter's state (`DFlashDrafter.state_dict()`), strictly: every tensor
+    present with its shape, nothing unknown. A `model.` prefix is removed. `weights` may read files lazily
+    (SGLang's loader does): a read error names the checkpoint. The one weight check of both drafters."""
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    it = iter(weights)
+    while True:
+        try:
+            name, tensor = next(it)
+        except StopIteration:
+            break
+        except Exception as e:  # safetensors / torch raise their own types for corrupt files
+            raise ValueError(f"DFlash drafter: cannot read the weights in {where!r} ({type(e).__name__}: {e})") from e
+        name = name.removeprefix("model.")
+        if name not in own:
+            unexpected.append(name)
+            continue
+        if own[name].shape != tensor.shape:
+            raise ValueError(f"DFlash drafter {where!r}: tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(own[name].shape)}")
+        with torch.no_grad():
+            own[name].copy_(tensor)
+        seen.add(name)
+    missing = sorted(set(own) - seen)
+    if missing or unexpected:
+        raise ValueError(f"DFlash drafter {where!r}: checkpoint does not match the config: missing tensors "
+                         f"{missing}, unexpected tensors {sorted(unexpected)}")

@@ -1,9 +1,9 @@
 """The drafter as an SGLang model (architecture `DFlashDraftModel`), served by SGLang's ModelRunner.
 
-It reuses the reference drafter's layers (`sglang_dflash.drafter`: same parameters, norms and RoPE, so
-the two agree to float rounding) and swaps only the attention core for SGLang's `RadixAttention`, with
-`AttentionType.ENCODER_ONLY`: every attention backend then attends NON-causally over the request's
-whole KV (context K/V written by the worker + the block's own K/V written by this forward).
+It IS the reference drafter (`sglang_dflash.drafter.DFlashDrafter`: one layer definition, so the two agree
+to float rounding), run with a different attention seam: SGLang's `RadixAttention` with
+`AttentionType.ENCODER_ONLY`, so every attention backend attends NON-causally over the request's whole KV
+(context K/V written by the worker's `ContextWriter` + the block's own K/V written by this forward).
 
 Shapes: `num_tokens` = bs * B block tokens in a draft forward, `H` hidden, `K*H` target features.
 """
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...config import DFlashConfig
-from ...drafter import DFlashDrafter
+from ...drafter import DFlashDrafter, load_weights_into
 
 if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
@@ -63,11 +63,7 @@ class DFlashDraftModel(nn.Module):
 
     def context_kv(self, context: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """context [n, H], positions [n] -> per layer (k, v) [n, nkv, hd], k normed and rotated."""
-        out = []
-        for layer in self.drafter.layers:
-            k, v = layer.self_attn.kv(context[None], positions[None])
-            out.append((k[0], v[0]))
-        return out
+        return [(k[0], v[0]) for k, v in self.drafter.context_kv(context[None], positions[None])]
 
     def stacked_kv(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Every layer's k_proj / v_proj as one weight [L*2*nkv*hd, H] (+ bias) and the k_norm weights [L, hd],
@@ -94,53 +90,20 @@ class DFlashDraftModel(nn.Module):
         """Embedded here with the target's embedding (SGLang would cast passed input_embeds to bf16)."""
         from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 
-        h = self._target[0].model.embed_tokens(input_ids).to(self.drafter.fc.weight.dtype)
-        pos = positions[None]
+        h = self._target[0].model.embed_tokens(input_ids).to(self.drafter.fc.weight.dtype)[None]  # [1, n, H]
+        n = h.shape[1]
         for layer, attn in zip(self.drafter.layers, self.attn):
-            sa = layer.self_attn
-            x = layer.input_layernorm(h)[None]  # [1, n, H]
-            n = x.shape[1]
-            q = sa.rotary[0](sa.q_norm(sa.q_proj(x).view(1, n, sa.nh, sa.hd)), pos)
-            k, v = sa.kv(x, pos)
-            o = attn(q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1), forward_batch)
-            h = h + sa.o_proj(o.view(n, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return LogitsProcessorOutput(next_token_logits=None, hidden_states=self.drafter.norm(h))
+            def attend(q, k, v, attn=attn):  # the block's K/V go to the pool; attention sees context + block
+                return attn(q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1), forward_batch)[None]
+
+            h = layer(h, positions[None], attend)
+        return LogitsProcessorOutput(next_token_logits=None, hidden_states=self.drafter.norm(h[0]))
 
     # -- weights ---------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Strict: every drafter tensor must be present, nothing else may be."""
+        """Strict: every drafter tensor must be present, nothing else may be (`drafter.load_weights_into`)."""
         self._stacked = None
-        own = self.drafter.state_dict()
-        seen = set()
-        unexpected = []
-        for name, tensor in _reading(weights, getattr(self.config, "_name_or_path", "?")):
-            name = name.removeprefix("model.")
-            if name not in own:
-                unexpected.append(name)
-                continue
-            if own[name].shape != tensor.shape:
-                raise ValueError(f"DFlash drafter: tensor {name} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(own[name].shape)}")
-            own[name].copy_(tensor)
-            seen.add(name)
-        missing = sorted(set(own) - seen)
-        if missing or unexpected:
-            raise ValueError(f"DFlash drafter checkpoint does not match its config: missing tensors {missing}, "
-                             f"unexpected tensors {sorted(unexpected)}")
-
-
-def _reading(weights: Iterable[tuple[str, torch.Tensor]], where: str):
-    """SGLang's loader reads the files lazily while we iterate; say which checkpoint failed to read."""
-    it = iter(weights)
-    while True:
-        try:
-            item = next(it)
-        except StopIteration:
-            return
-        except Exception as e:  # safetensors / torch raise their own types for corrupt files
-            raise ValueError(f"DFlash drafter: cannot read the weights in {where!r} ({type(e).__name__}: {e})") from e
-        yield item
+        load_weights_into(self.drafter.state_dict(), weights, getattr(self.config, "_name_or_path", "?"))
 
 
 EntryClass = DFlashDraftModel
