@@ -1,11 +1,13 @@
-"""greedy_accept: greedy acceptance and the committed run for a whole batch, in one launch.
+"""greedy_accept: THE acceptance rule (greedy) and the commit layout, defined once; and its kernel.
 
-With block ids [bs, B] = [anchor, d_1..d_(B-1)], target argmax predict [bs, B], committed lengths L [bs]:
+`accept` is the rule and `committed_tokens` the layout of what a step commits; the reference loop
+(`sglang_dflash.reference`), the worker (through `reference` or the Triton kernel) and the tests all use
+them. With block ids [bs, B] = [anchor, d_1..d_(B-1)], target argmax predict [bs, B], committed lengths L [bs]:
     accept_len[i] = number of leading j with d_(j+1) == predict[i, j]        [bs] int64, 0..B-1
     bonus[i]      = predict[i, accept_len[i]]                               [bs] int64
     out[i]        = [d_1 .. d_a, bonus, 0 ...]                              [bs, B] int64
     new_lens[i]   = L_i + accept_len[i] + 1                                 [bs] int64
-Reference: `reference` below (sglang_dflash.accept.greedy_accept + the commit layout). Tolerance: exact.
+Reference: `reference` below (`accept` + `committed_tokens` + the new lengths). Tolerance: exact.
 Versions: Triton 3.x; checked on CPU under TRITON_INTERPRET=1 (tests/test_kernels.py).
 """
 
@@ -16,14 +18,29 @@ import torch
 from . import lazy_jit
 
 
-def reference(block_ids, target_predict, seq_lens):
-    matches = block_ids[:, 1:] == target_predict[:, :-1]
+def accept(block_ids: torch.Tensor, target_predict: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_ids [bs, B] (anchor, then drafts), target_predict [bs, B] (target argmax after each block
+    position) -> accept_len [bs] int64 (drafts kept, 0..B-1), bonus [bs] int64.
+
+    A draft d_i is kept while every draft before it was kept and it equals the target's choice after
+    position i-1; the bonus is the target's choice after the last kept token."""
+    matches = block_ids[:, 1:] == target_predict[:, :-1]  # [bs, B-1]
     accept_len = matches.long().cumprod(dim=1).sum(dim=1)
     bonus = target_predict.gather(1, accept_len[:, None])[:, 0]
-    out = torch.cat([block_ids[:, 1:], torch.zeros_like(block_ids[:, :1])], dim=1)
+    return accept_len, bonus
+
+
+def committed_tokens(drafts: torch.Tensor, accept_len: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
+    """drafts [bs, B-1], accept_len [bs], bonus [bs] -> [bs, B]: row i = d_1..d_a, bonus, then zeros.
+    What one step commits (the scheduler reads the first a+1 entries); both acceptance rules use it."""
+    out = torch.cat([drafts, drafts.new_zeros(drafts.shape[0], 1)], dim=1)
     out = out.masked_fill(torch.arange(out.shape[1], device=out.device)[None] > accept_len[:, None], 0)
-    out = out.scatter(1, accept_len[:, None], bonus[:, None])
-    return accept_len, bonus, out, seq_lens.long() + accept_len + 1
+    return out.scatter(1, accept_len[:, None], bonus[:, None])
+
+
+def reference(block_ids, target_predict, seq_lens):
+    accept_len, bonus = accept(block_ids, target_predict)
+    return accept_len, bonus, committed_tokens(block_ids[:, 1:], accept_len, bonus), seq_lens.long() + accept_len + 1
 
 
 def triton_impl(block_ids, target_predict, seq_lens, out=None):

@@ -1,4 +1,5 @@
-"""sample_accept: lossless rejection sampling with the drafter's real distribution, one launch, no host sync.
+"""sample_accept: THE acceptance rule for sampling (lossless rejection sampling with the drafter's real
+distribution), defined once in `reference`, and its kernel (one launch, no host sync).
 
 With block ids [bs, B] = [anchor, d_1..d_(B-1)], draft distributions q [bs, B-1, V] (d_i was drawn from q_i),
 target distributions p [bs, B, V] (already temperature / top-k / top-p / min-p processed), uniforms
@@ -8,9 +9,9 @@ reproducible under a seed):
     residual = max(0, p_a - q_a)   (q_(B-1) := 0: all kept -> p_(B-1))
     bonus = argmax_v residual_v / e_v   (an exponential race: a draw from residual / sum(residual));
             where the residual is all zero (p_a == q_a), the same race over p_a   -> bonus [bs] int64
-Reference: `reference` below; sglang_dflash.accept.sample_accept is the same rule with torch.multinomial
-for the bonus draw (same distribution, different random stream). Tolerance: exact (same inputs, same
-float32 arithmetic; the kernel divides with round-to-nearest).
+Reference: `reference` below, used as the rule by the reference loop (`sglang_dflash.reference`) and the
+worker; the commit layout is `greedy_accept.committed_tokens`. Tolerance: exact (same inputs, same float32
+arithmetic; the kernel divides with round-to-nearest).
 Versions: Triton 3.x; checked on CPU under TRITON_INTERPRET=1 (tests/kernel_cases.py), distribution
 checked by chi-square there too.
 """
@@ -22,17 +23,29 @@ import torch
 from . import lazy_jit
 
 
-def reference(block_ids, q, p, uniforms, exponentials):
+def reference(
+    block_ids: torch.Tensor,  # [bs, B] int64: anchor, then drafts d_i ~ q_i
+    q: torch.Tensor,  # [bs, B-1, V] float: the distributions the drafts were drawn from
+    p: torch.Tensor,  # [bs, B, V] float: the target's processed distribution after each block position
+    uniforms: torch.Tensor,  # [bs, B-1] float in [0, 1): one per draft
+    exponentials: torch.Tensor,  # [bs, V] float: Exp(1) draws for the bonus race
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> accept_len [bs] int64 (0..B-1), bonus [bs] int64."""
     bs, B = block_ids.shape
+    V = p.shape[-1]
+    # keep d_i with probability min(1, p(d_i) / q(d_i)), i.e. while u_i * q(d_i) < p(d_i);
+    # at the first rejection a, the bonus is drawn from norm(max(0, p_a - q_a));
+    # every draft kept: q_(B-1) := 0, so the same formula draws the bonus from p_(B-1).
     drafts = block_ids[:, 1:, None]
     p_x = p[:, :-1].gather(2, drafts)[..., 0]
     q_x = q.gather(2, drafts)[..., 0]
     accept_len = (uniforms * q_x < p_x).long().cumprod(dim=1).sum(dim=1)
-    V = p.shape[-1]
     q_pad = torch.cat([q, q.new_zeros(bs, 1, V)], dim=1)
     idx = accept_len[:, None, None].expand(bs, 1, V)
     p_a = p.gather(1, idx)[:, 0].float()
     residual = (p_a - q_pad.gather(1, idx)[:, 0].float()).clamp_min(0)
+    # a draw from w / sum(w) is argmax_v w_v / e_v (exponential race); p_a == q_a leaves no residual
+    # (rejection then had probability 0): race over p_a instead
     e = exponentials.float()
     race_r = torch.where(residual > 0, residual / e, torch.full_like(e, -1.0))
     race_p = torch.where(p_a > 0, p_a / e, torch.full_like(e, -1.0))

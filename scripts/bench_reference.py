@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 from sglang_dflash.assets import heldout_prompts, tiny_pair
-from sglang_dflash.reference import default_stop_ids, generate, load_pair
+from sglang_dflash.reference import generate, load_pair
+from sglang_dflash.target import default_stop_ids
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,20 @@
-"""Acceptance math: hand-worked cases, a naive loop, and the sampling rule's output distribution."""
+"""The acceptance rule (its one definition: `dflash_kernels.greedy_accept.accept` / `sample_accept.reference`):
+hand-worked cases, a naive loop, and the sampling rule's output distribution."""
 
 import torch
-from sglang_dflash.accept import greedy_accept, sample_accept
+from dflash_kernels import greedy_accept as greedy_rule
+from dflash_kernels import sample_accept as sample_rule
 from sglang_dflash.sampling import SamplingParams, probs_for, processed_probs
+
+
+def greedy_accept(block, predict):
+    return greedy_rule.accept(block, predict)
+
+
+def sample_accept(block, q, p, uniforms, generator=None):
+    """The rule with its bonus race's exponentials drawn from `generator`."""
+    e = torch.empty(block.shape[0], p.shape[-1]).exponential_(generator=generator)
+    return sample_rule.reference(block, q, p, uniforms, e)
 
 
 def test_greedy_hand_worked():

@@ -25,16 +25,14 @@ def test_kernels_match_references_under_interpreter():
     assert out.stdout.count("ok  ") == 14 and "FAIL" not in out.stdout, out.stdout
 
 
-def test_greedy_reference_is_the_accept_rule():
-    from sglang_dflash.accept import greedy_accept as rule
-
+def test_greedy_reference_is_the_accept_rule_and_commit_layout():
     g = torch.Generator().manual_seed(0)
     block, predict = torch.randint(0, 3, (50, 6), generator=g), torch.randint(0, 3, (50, 6), generator=g)
-    a, b, out, new = greedy_accept.reference(block, predict, torch.zeros(50, dtype=torch.int64))
-    a2, b2 = rule(block, predict)
-    assert torch.equal(a, a2) and torch.equal(b, b2) and torch.equal(new, a + 1)
-    for i in range(50):
-        assert out[i, : a[i]].tolist() == block[i, 1 : a[i] + 1].tolist() and out[i, a[i]] == b[i]
+    a, b, out, new = greedy_accept.reference(block, predict, torch.full((50,), 7, dtype=torch.int64))
+    a2, b2 = greedy_accept.accept(block, predict)
+    assert torch.equal(a, a2) and torch.equal(b, b2) and torch.equal(new, a + 8)
+    for i in range(50):  # d_1..d_a, bonus, then zeros
+        assert out[i].tolist() == block[i, 1 : a[i] + 1].tolist() + [b[i]] + [0] * (5 - int(a[i]))
 
 
 def test_registry_falls_back_on_cpu_without_interpreter(monkeypatch):

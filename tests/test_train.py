@@ -17,7 +17,8 @@ def _data(target, layer_ids, n=6, seed=0):
 
 
 def test_dataset_is_target_greedy():
-    from sglang_dflash.reference import generate, target_features
+    from sglang_dflash.reference import generate
+    from sglang_dflash.target import target_features
 
     target = make_target()
     prompts, data = _data(target, (0, 2))

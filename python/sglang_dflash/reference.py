@@ -10,10 +10,11 @@ Requests run one after another, each with its own KV caches and its own random g
 
     draft   block = [bonus, MASK x (n-1)] -> drafter -> target lm_head -> d1..d(n-1)
     verify  target forward on the block at positions L..L+n-1, keeping the features
-    accept  greedy_accept / sample_accept -> accept_len a, bonus
-    commit  tokens d1..da, bonus (cut at max_new_tokens and after a stop token); target cache cropped
-            to L+a+1;
-            drafter context gains the features of the a+1 committed block tokens.
+    accept  the rule the worker uses, from `dflash_kernels` (greedy_accept.accept / sample_accept.reference)
+            -> accept_len a, bonus
+    commit  tokens d1..da, bonus (greedy_accept.committed_tokens; cut at max_new_tokens and after a stop
+            token); target cache cropped to L+a+1; drafter context gains the features of the a+1
+            committed block tokens.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from dflash_kernels import greedy_accept, sample_accept
 
-from .accept import greedy_accept, sample_accept
 from .drafter import DFlashDrafter
 from .sampling import SamplingParams, probs_for
+from .target import default_stop_ids, load_target, target_features
 
 
 @dataclass
@@ -38,11 +39,6 @@ class GenerationResult:
     # drafts the target accepted per step, before the cut at max_new_tokens / a stop token (what SGLang's
     # spec_correct_drafts_histogram counts)
     accepted_drafts: list[int] = field(default_factory=list)
-
-
-def target_features(hidden_states: tuple[torch.Tensor, ...], layer_ids: tuple[int, ...]) -> torch.Tensor:
-    """HF `output_hidden_states` -> [bs, n, K*H]: the OUTPUT of each target layer in `layer_ids`."""
-    return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)
 
 
 def _crop(cache, length: int) -> None:
@@ -123,15 +119,17 @@ def generate_one(
         logits = out.logits[0]  # [n, V]
         # accept
         if params.greedy:
-            accept_len, bonus = greedy_accept(block, logits.argmax(dim=-1)[None])
+            accept_len, bonus = greedy_accept.accept(block, logits.argmax(dim=-1)[None])
         else:
             uniforms = torch.rand((1, n - 1), generator=gen, device=dev)
+            exponentials = torch.empty((1, logits.shape[-1]), device=dev).exponential_(generator=gen)
             q = draft_probs[None] if draft_probs is not None else logits.new_zeros(1, 0, logits.shape[-1])
-            accept_len, bonus = sample_accept(block, q, probs_for(logits, params)[None], uniforms, gen)
+            accept_len, bonus = sample_accept.reference(block, q, probs_for(logits, params)[None], uniforms,
+                                                        exponentials)
         a = int(accept_len[0])
         # commit
-        new = (block[0, 1 : a + 1].tolist() + [int(bonus[0])])[: max_new_tokens - len(result.output_ids)]
-        new, stopped = _cut_at_stop(new, stop_ids)
+        run = greedy_accept.committed_tokens(block[:, 1:], accept_len, bonus)[0, : a + 1]
+        new, stopped = _cut_at_stop(run.tolist()[: max_new_tokens - len(result.output_ids)], stop_ids)
         result.output_ids += new
         result.accept_lengths.append(len(new))
         result.accepted_drafts.append(a)
@@ -174,32 +172,12 @@ def generate(
     return results
 
 
-def load_target(path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"target: {str(path)!r} is not a model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model
-
-
 def load_pair(target_dir, draft_dir, *, device="cpu", dtype=torch.float32, block_size=None):
     """-> (target, drafter), the drafter validated against the target's config."""
     target = load_target(target_dir, device=device, dtype=dtype)
     drafter = DFlashDrafter.from_pretrained(draft_dir, device=device, dtype=dtype, block_size=block_size)
     drafter.cfg.validate_against_target(target.config)
     return target, drafter
-
-
-def default_stop_ids(target) -> frozenset[int]:
-    ids: set[int] = set()
-    for cfg in (target.config, getattr(target, "generation_config", None)):
-        eos = getattr(cfg, "eos_token_id", None)
-        if eos is None:
-            continue
-        ids.update([eos] if isinstance(eos, int) else eos)
-    return frozenset(ids)
 
 
 def main(argv: list[str] | None = None) -> int:

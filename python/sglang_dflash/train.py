@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .config import DFlashConfig, default_target_layer_ids
 from .drafter import DFlashDrafter
-from .reference import load_target
+from .target import load_target
 from .train_data import Sequence, build_dataset
 
 IGNORE = -100

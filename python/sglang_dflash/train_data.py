@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .reference import target_features
+from .target import target_features
 
 
 @dataclass
