@@ -1,4 +1,4 @@
-"""The worker's context K/V write (`srt/stages.ContextWriter`) on a pool laid out like SGLang's
+"""The worker's context K/V write (`srt/context.ContextWriter`) on a pool laid out like SGLang's
 MHATokenToKVPool: the stacked path (kernel `context_kv`) and the per-layer fallback both write exactly the
 drafter's own per-layer K/V, and only at the given slots."""
 
@@ -50,7 +50,7 @@ def _model(bias: bool):
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("chunk_rows", [2048, 4])  # 4: the 9 rows are written in three chunks
 def test_context_writer_writes_the_drafters_kv(bias, quantized, chunk_rows, monkeypatch):
-    from sglang_dflash.srt.stages import ContextWriter
+    from sglang_dflash.srt.context import ContextWriter
 
     monkeypatch.setattr(ContextWriter, "CHUNK_ROWS", chunk_rows)
     model = _model(bias)
@@ -87,7 +87,7 @@ def test_stacked_projection_follows_reloaded_weights():
 
 def test_pool_with_other_head_shape_is_not_addressed_by_the_kernel():
     """The kernel takes the row layout from the drafter's config: a pool shaped otherwise must not get it."""
-    from sglang_dflash.srt.stages import ContextWriter
+    from sglang_dflash.srt.context import ContextWriter
 
     model = _model(False)
     c = model.cfg

@@ -187,6 +187,31 @@ class DFlashConfig:
             )
 
 
+def check_for_sglang(draft_hf_config: Any, target_hf_config: Any, block_size: int) -> DFlashConfig:
+    """Start-up check of a drafter served by SGLang, before any drafter weight is read: the drafter fits
+    the target (`validate_against_target`), and every target layer it reads can be captured. Each error
+    names the bad value."""
+    cfg = DFlashConfig.from_dict(draft_hf_config.to_dict(), block_size=block_size)
+    cfg.validate_against_target(target_hf_config)
+    n_layers = target_hf_config.num_hidden_layers
+    last = max(cfg.target_layer_ids)
+    if last >= n_layers - 1:
+        raise ValueError(
+            f"DFlash drafter: target_layer_ids={list(cfg.target_layer_ids)} holds {last}, the target's last layer; "
+            f"SGLang captures a layer's output as the next layer's input, so ids must be < {n_layers - 1}"
+        )
+    return cfg
+
+
+def check_target_model(target_model: Any) -> None:
+    """The SGLang target model class must capture hidden states at the drafter's layers."""
+    if not hasattr(target_model, "set_dflash_layers_to_capture"):
+        raise ValueError(
+            f"DFlash: target model class {type(target_model).__name__} cannot capture hidden states "
+            "(it has no set_dflash_layers_to_capture); use a target such as Qwen3 or Llama"
+        )
+
+
 def _rope_theta(raw: dict[str, Any]) -> float:
     if "rope_theta" in raw:
         return raw["rope_theta"]

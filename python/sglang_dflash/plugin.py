@@ -1,13 +1,12 @@
-"""SGLang plugin entry point (group `sglang.srt.plugins`, name `dflash`).
+"""SGLang plugin entry point (group `sglang.srt.plugins`, name `dflash`): the version gate.
 
 SGLang calls `register()` with no arguments early in every process, before argument parsing
-(`sglang.srt.plugins.load_plugins`). Every hook this package places into SGLang is registered from here,
-so this module is the one place to read to see how we attach. Written against SGLang 0.5.23.
+(`sglang.srt.plugins.load_plugins`). It checks that the installed SGLang is the release we were written
+against (0.5.23) and then installs the hooks; on any other release nothing is attached and a warning
+names both versions. The hooks themselves, each with the reason it exists, are in ONE module:
+`sglang_dflash.srt.hooks`; read that one to see how we attach.
 
 `SGLANG_PLUGINS=<names>` (a whitelist) leaves this plugin out when `dflash` is not named.
-
-What it attaches is listed, with the reason for each hook, in `sglang_dflash.srt.hooks`. On an SGLang
-release other than the one we were written against, nothing is attached and a warning names both.
 The CPU platform is a second entry point (group `sglang.srt.platforms`, `sglang_dflash.srt.platform`).
 """
 

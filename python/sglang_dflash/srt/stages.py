@@ -1,22 +1,23 @@
 """The stages of one SGLang decode step, as functions of tensors and SGLang's batch objects.
 
     block_layout -> propose (draft tokens) -> verify_ids -> accept (tokens to commit, new lengths)
-    ContextWriter: target hidden states -> drafter K/V (after prefill and after each accept)
+
+The acceptance rule itself is defined once in `dflash_kernels` (greedy_accept.accept / sample_accept.reference,
+and the commit layout greedy_accept.committed_tokens); `accept` here picks the kernel or its reference.
+The drafter's context write (target hidden states -> drafter K/V) is `context.ContextWriter`.
 
 Shapes: `bs` requests, `B` block size, `V` vocab, `H` hidden, `K*H` concatenated target features.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple
 
 import dflash_kernels
 import torch
+from dflash_kernels.greedy_accept import committed_tokens
 
 from ..sampling import processed_probs
-
-logger = logging.getLogger("sglang_dflash")
 
 
 class BlockLayout(NamedTuple):
@@ -66,79 +67,6 @@ def extend_positions(batch) -> torch.Tensor:
     return torch.cat([torch.arange(p, p + n, device=dev) for p, n in zip(batch.prefix_lens, batch.extend_lens)])
 
 
-class ContextWriter:
-    """target_hidden [n, K*H] at positions [n] -> every drafter layer's context K/V, written into the drafter's
-    pool at the target's slot ids [n].
-
-    Fast path (kernel `context_kv`): fc + hidden_norm, ONE matmul for all layers' K/V, then k_norm + RoPE +
-    the scatter into every layer's pool in one launch. Pools the kernel cannot address (quantized or
-    non-[slots, heads, dim] layouts) take the per-layer path through SGLang's `set_kv_buffer`."""
-
-    CHUNK_ROWS = 2048
-
-    def __init__(self, drafter, draft_runner) -> None:
-        self.drafter = drafter
-        self.draft_runner = draft_runner  # its KV pool is attached after the worker is built: read it per call
-        self.kernel = dflash_kernels.get("context_kv", draft_runner.device)
-        self._pools = None
-        self._fast: bool | None = None
-
-    @property
-    def pool(self):
-        return self.draft_runner.token_to_kv_pool
-
-    @property
-    def fast(self) -> bool:
-        """Whether the kernel can address the pool; decided, and its address table built, on first use (the
-        pool exists by then; SGLang 0.5.23 allocates its tensors once and never replaces them)."""
-        if self._fast is None:
-            cfg = self.drafter.cfg
-            self._pools = self._kernel_pools(self.pool, cfg.num_hidden_layers, (cfg.num_key_value_heads, cfg.head_dim))
-            self._fast = self._pools is not None
-            logger.info("sglang-dflash: context K/V %s (drafter KV pool %s)",
-                        "stacked, kernel context_kv" if self._fast else "per layer", type(self.pool).__name__)
-        return self._fast
-
-    @staticmethod
-    def _kernel_pools(pool, num_layers: int, heads_dim: tuple[int, int]):
-        """The kernel's address table for a plain per-layer [slots, kv_heads, head_dim] pool in the model's
-        dtype with the drafter's own head shape (the kernel takes the row layout from the drafter's
-        config); None for any other pool."""
-        from dflash_kernels.context_kv import layer_pools
-
-        k, v = getattr(pool, "k_buffer", None), getattr(pool, "v_buffer", None)
-        if not isinstance(k, list) or not isinstance(v, list) or len(k) != num_layers or len(v) != num_layers:
-            return None
-        if tuple(k[0].shape[1:]) != heads_dim:
-            return None
-        if getattr(pool, "is_quantized_kv_cache", False) or getattr(pool, "store_dtype", None) != pool.dtype:
-            return None
-        try:
-            return layer_pools(k, v)
-        except ValueError:
-            return None
-
-    def __call__(self, target_hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
-        drafter = self.drafter
-        context = drafter.project(target_hidden)
-        if not self.fast:
-            from sglang.srt.mem_cache.memory_pool import KVWriteLoc
-
-            for attn, (k, v) in zip(drafter.attn, drafter.context_kv(context, positions)):
-                self.pool.set_kv_buffer(attn, KVWriteLoc(slots, physical=True), k, v)
-            return
-        cfg = drafter.cfg
-        w, b, k_norm = drafter.stacked_kv()
-        pools, inv_freq = self._pools, drafter.drafter.rotary.inv_freq
-        # in chunks of rows: the stacked K/V of a long prefill chunk would otherwise be one large temporary
-        # (8192 rows x 5 layers x 2 x 8 x 128 in bf16 = 168 MB) on top of a KV pool sized to fill memory
-        for start in range(0, context.shape[0], self.CHUNK_ROWS):
-            rows = slice(start, start + self.CHUNK_ROWS)
-            kv = torch.nn.functional.linear(context[rows], w, b)
-            kv = kv.view(-1, cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim)
-            self.kernel(kv, k_norm, cfg.rms_norm_eps, positions[rows], inv_freq, slots[rows], pools)
-
-
 def _sampling_tensors(sampling_info, rows: int, vocab: int):
     """Per-request (temperature, top_k, top_p, min_p) repeated for `rows` rows per request."""
     rep = lambda t: t.reshape(-1).repeat_interleave(rows)  # noqa: E731
@@ -178,34 +106,5 @@ def accept(verify_ids: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Te
     exponentials = torch.empty(bs, V, device=logits.device).exponential_()
     sample = dflash_kernels.get("sample_accept", logits.device)  # rejection sampling with the real q
     accept_len, bonus = sample(verify_ids, draft_probs, p, uniforms, exponentials)
-    tokens = committed_tokens(verify_ids[:, 1:], accept_len, bonus)
+    tokens = committed_tokens(verify_ids[:, 1:], accept_len, bonus)  # the layout greedy_accept writes
     return Accepted(accept_len, bonus, tokens, seq_lens.long() + accept_len + 1)
-
-
-def committed_tokens(drafts: torch.Tensor, accept_len: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
-    """-> [bs, B]: row i = d1..d_a, bonus, then padding; the scheduler reads the first a+1 entries."""
-    out = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], dim=1)
-    return out.scatter(1, accept_len[:, None], bonus[:, None])
-
-
-def check_config(draft_hf_config, target_hf_config, block_size: int) -> None:
-    """Refuse to start on a drafter that does not fit the target; each error names the bad value."""
-    from ..config import DFlashConfig
-
-    cfg = DFlashConfig.from_dict(draft_hf_config.to_dict(), block_size=block_size)
-    cfg.validate_against_target(target_hf_config)
-    n_layers = target_hf_config.num_hidden_layers
-    last = max(cfg.target_layer_ids)
-    if last >= n_layers - 1:
-        raise ValueError(
-            f"DFlash drafter: target_layer_ids={list(cfg.target_layer_ids)} holds {last}, the target's last layer; "
-            f"SGLang captures a layer's output as the next layer's input, so ids must be < {n_layers - 1}"
-        )
-
-
-def check_target(target_model) -> None:
-    if not hasattr(target_model, "set_dflash_layers_to_capture"):
-        raise ValueError(
-            f"DFlash: target model class {type(target_model).__name__} cannot capture hidden states "
-            "(it has no set_dflash_layers_to_capture); use a target such as Qwen3 or Llama"
-        )

@@ -3,8 +3,9 @@
 Prefill:  target extend with hidden-state capture -> drafter context K/V for every prompt token,
           written before the scheduler can share the prefix through the radix cache.
 Decode:   draft (block forward on the drafter runner) -> verify (TARGET_VERIFY on the target)
-          -> accept -> commit. The step reads as those four calls; their math lives in `stages.py`
-          and `sglang_dflash.accept`.
+          -> accept -> commit. The step reads as those four calls; their tensor work lives in `stages.py`
+          (the acceptance rule itself in `dflash_kernels.greedy_accept` / `sample_accept`) and the
+          drafter's context write in `context.py`.
 
 KV slots: the drafter's pool has one slot per target slot, indexed by the same slot ids (SGLang sizes it
 so for `--speculative-algorithm DFLASH`). A decode step uses slots [L, L+B) of each request, reserved by
@@ -24,7 +25,9 @@ from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, Forw
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
 from .. import __version__, envs
+from ..config import check_for_sglang, check_target_model
 from . import stages
+from .context import ContextWriter
 from .spec_inputs import BlockForwardInput, DFlashDraftInput
 from .timing import StepTimer
 
@@ -53,7 +56,7 @@ class DFlashWorker(BaseSpecWorker):
         self.block_size = int(spec.speculative_num_draft_tokens)
         self.speculative_num_draft_tokens = self.block_size
         # the drafter's config against the target's, before any drafter weight is read
-        stages.check_config(target_runner.spec_aux_config.draft_model_config.hf_config,
+        check_for_sglang(target_runner.spec_aux_config.draft_model_config.hf_config,
                             target_runner.model_config.hf_config, self.block_size)
         self.draft_parallel_layout = resolve_draft_parallel_layout(
             model_draft_parallel_spec(target_runner.spec_aux_config.draft_model_config,
@@ -71,17 +74,17 @@ class DFlashWorker(BaseSpecWorker):
             draft.model_runner.model_config.vocab_size = target_runner.model_config.vocab_size
         self._draft_worker = draft
         self.draft_runner = draft.model_runner
-        self.drafter = self.draft_runner.model
+        self.draft_model = self.draft_runner.model  # srt.models.draft_model.DFlashDraftModel
         self.target_model = target_runner.model
-        stages.check_target(self.target_model)
-        self.drafter.attach_target(self.target_model)
-        self.write_context = stages.ContextWriter(self.drafter, self.draft_runner)
+        check_target_model(self.target_model)
+        self.draft_model.attach_target(self.target_model)
+        self.write_context = ContextWriter(self.draft_model, self.draft_runner)
         self.buffers: stages.StepBuffers | None = None
-        self.mask_token_id = self.drafter.cfg.mask_token_id
+        self.mask_token_id = self.draft_model.cfg.mask_token_id
         self.timer = StepTimer(envs.timing_enabled(), self.device)
         logger.info("sglang-dflash %s: DFLASH worker active (block size %d, drafter layers %d, target layers %s)",
-                    __version__, self.block_size, self.drafter.cfg.num_hidden_layers,
-                    list(self.drafter.cfg.target_layer_ids))
+                    __version__, self.block_size, self.draft_model.cfg.num_hidden_layers,
+                    list(self.draft_model.cfg.target_layer_ids))
 
     # -- SGLang worker plumbing ------------------------------------------------------------------
     def weight_update_runners(self):
@@ -178,7 +181,7 @@ class DFlashWorker(BaseSpecWorker):
         out = self.draft_runner.forward(fb)
         hidden = out.logits_output.hidden_states  # [bs*B, H]; a graph's output buffer: used before the next replay
         hidden = hidden.view(-1, B, hidden.shape[-1])[:, 1:]
-        return *stages.propose(self.drafter.draft_logits(hidden), batch.sampling_info), out.can_run_graph
+        return *stages.propose(self.draft_model.draft_logits(hidden), batch.sampling_info), out.can_run_graph
 
     def _verify(self, batch, block, verify_ids):
         """-> target logits [bs, B, V] float32, target_hidden [bs*B, K*H], whether a CUDA graph replayed.
