@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dflash_kernels import greedy_accept
 from tqdm import tqdm
 
 from .config import DFlashConfig, default_target_layer_ids
@@ -143,8 +144,10 @@ def walk_tau(drafter, embed, lm_head, seqs: list[Sequence], B: int, mask_id: int
         batch = block_batch([s], [anchors], B, mask_id, device)
         pred = block_logits(drafter, embed, lm_head, batch).argmax(-1)[0].view(len(anchors), B)
         labels = batch["labels"][0].view(len(anchors), B)
-        hit = (pred[:, 1:] == labels[:, 1:]) & (labels[:, 1:] != IGNORE)
-        acc = hit.long().cumprod(1).sum(1).tolist()
+        # the worker's rule: drafts pred[:, 1:] against the target's next tokens labels[:, 1:] (IGNORE never
+        # equals a token); the last predict column only feeds the bonus, unused here
+        acc, _ = greedy_accept.accept(pred, torch.cat([labels[:, 1:], labels[:, :1]], dim=1))
+        acc = acc.tolist()
         a = P
         while a < L - 1:
             step = acc[a - P] + 1
