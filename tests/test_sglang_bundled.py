@@ -111,6 +111,32 @@ def test_bad_sampling_params_get_400_and_server_keeps_serving(servers, prompts):
     assert len(dflash.generate(prompts[0], 4)["output_ids"]) == 4
 
 
+def test_inputs_that_would_crash_a_forward_get_400_naming_the_value(servers, prompts):
+    """Stock SGLang 0.5.23's scheduler dies on each of these (IndexError in the embedding, int32 overflow,
+    ...); a DFLASH server with our plugin answers 400 naming the bad value and the valid range."""
+    dflash, _ = servers
+    V = 4096  # the bundled target's vocabulary
+    ok = {"max_new_tokens": 4}
+    cases = [
+        ({"input_ids": prompts[0][:5] + [V], "sampling_params": ok}, [f"token id {V}", "position 5", f"[0, {V})"]),
+        ({"input_ids": [3, -1, 5], "sampling_params": ok}, ["token id -1", "position 1"]),
+        ({"input_ids": [[1, 2], [3, 99999]], "sampling_params": ok}, ["token id 99999"]),
+        ({"input_ids": [2**63 + 1, 2], "sampling_params": ok}, [str(2**63 + 1)]),
+        ({"input_ids": prompts[0], "sampling_params": {**ok, "stop_token_ids": [7, V + 5]}},
+         ["stop_token_ids", str(V + 5)]),
+        ({"input_ids": prompts[0], "sampling_params": {**ok, "temperature": 1.0, "top_k": 2**40}},
+         [f"top_k={2**40}"]),
+    ]
+    for body, words in cases:
+        status, out = dflash.post("/generate", body)
+        assert status == 400, (body, status, out)
+        assert all(w in str(out) for w in words), (words, out)
+    status, out = dflash.post("/v1/completions", {"model": "default", "prompt": [5, V + 1], "max_tokens": 4})
+    assert status == 400 and f"token id {V + 1}" in str(out), (status, out)
+    assert dflash.proc.poll() is None, dflash.log()[-3000:]
+    assert len(dflash.generate(prompts[0], 4)["output_ids"]) == 4
+
+
 def test_openai_chat_streaming_and_not(servers):
     from openai import OpenAI
 

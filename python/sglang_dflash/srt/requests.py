@@ -1,11 +1,75 @@
-"""Per-request validation for DFLASH: what the worker does not serve yet is refused with a clear message
-(the request is aborted with HTTP 400 and the server keeps serving), never half-served.
+"""Per-request checks for a DFLASH server.
 
-SGLang's scheduler asks this for every request when the algorithm is DFLASH (`hooks.py` puts it in
-place of the scheduler's dflash request check).
+1. `check_input` (in SGLang's tokenizer manager, before a request reaches the scheduler): inputs that would
+   crash a forward, and with it every request in flight, get an HTTP 400 naming the bad value and the valid
+   range. Stock SGLang 0.5.23 checks none of these. Seen on a plain server (no speculation, bundled
+   target): an out-of-vocabulary or negative prompt id, top_k=2**40 (an int32 overflow), and an
+   out-of-vocabulary stop id in a request with min_new_tokens (a scatter out of bounds) each kill the
+   server. Read in its code, not run: top_logprobs_num above the vocabulary (a topk past it), input_embeds
+   rows of the wrong width.
+2. `validate_request` (in the scheduler, in place of its DFLASH request check): the same vocabulary check
+   again on the ids the scheduler got (a backstop for paths that skip the tokenizer manager, e.g. extra
+   tokenizer worker processes), then what the worker does not serve yet is refused with a clear message
+   (the request is aborted with HTTP 400 and the server keeps serving), never half-served.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+INT32_MAX = 2**31 - 1
+
+
+def _first_outside(ids, vocab: int) -> tuple[int, Any] | None:
+    """(position, value) of the first id that is not an int in [0, vocab), or None."""
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            return i, t
+    return None
+
+
+def input_ids_error(ids, vocab: int, what: str = "input_ids") -> str | None:
+    if ids is not None and len(ids) == 0:
+        return f"{what} is empty; expected at least one token id"
+    bad = _first_outside(ids or (), vocab)
+    if bad is not None:
+        return (f"{what} holds token id {bad[1]!r} at position {bad[0]}, outside the vocabulary; "
+                f"valid ids are [0, {vocab})")
+    return None
+
+
+def check_input(obj, input_ids, vocab: int, hidden_size: int) -> None:
+    """One generate sub-request as SGLang's tokenizer manager validates it -> ValueError (HTTP 400) on input
+    that would crash a forward."""
+    multimodal = any(getattr(obj, k, None) for k in ("image_data", "video_data", "audio_data"))
+    embeds = getattr(obj, "input_embeds", None)
+    errors = []
+    if embeds is not None:
+        rows = embeds[0] if embeds and isinstance(embeds[0], list) and embeds[0] and isinstance(embeds[0][0], list) \
+            else embeds
+        if not rows:
+            errors.append("input_embeds is empty; expected at least one row")
+        for i, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != hidden_size:
+                got = len(row) if isinstance(row, list) else type(row).__name__
+                errors.append(f"input_embeds row {i} has {got} values, expected the model's hidden size {hidden_size}")
+                break
+    elif not multimodal:  # multimodal prompts hold placeholder ids past the vocabulary by design
+        errors.append(input_ids_error(input_ids, vocab))
+    sp = getattr(obj, "sampling_params", None) or {}
+    if isinstance(sp, dict):
+        stop_ids = sp.get("stop_token_ids")
+        if stop_ids:
+            errors.append(input_ids_error(list(stop_ids), vocab, "stop_token_ids"))
+        top_k = sp.get("top_k")
+        if isinstance(top_k, int) and top_k > INT32_MAX:
+            errors.append(f"top_k={top_k} is too large; expected -1 (off) or an integer in [1, {INT32_MAX}]")
+    top_n = getattr(obj, "top_logprobs_num", None)
+    if isinstance(top_n, int) and top_n > vocab:
+        errors.append(f"top_logprobs_num={top_n} is larger than the vocabulary; expected at most {vocab}")
+    errors = [e for e in errors if e]
+    if errors:
+        raise ValueError("; ".join(errors))
 
 
 def unsupported_reason(req) -> str | None:
@@ -31,4 +95,8 @@ def unsupported_reason(req) -> str | None:
 
 def validate_request(req, enable_overlap: bool = False) -> str | None:
     """Same signature as the scheduler's dflash request check it replaces."""
+    if req.input_embeds is None and not req.multimodal_inputs:
+        error = input_ids_error(req.origin_input_ids, req.vocab_size)
+        if error:
+            return error
     return unsupported_reason(req)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import dflash_kernels
 import torch
+import torch.nn.functional as F
 from dflash_kernels.greedy_accept import committed_tokens
 
 from ..sampling import processed_probs
@@ -74,17 +75,30 @@ def _sampling_tensors(sampling_info, rows: int, vocab: int):
     return rep(sampling_info.temperatures), rep(top_k), rep(sampling_info.top_ps), rep(sampling_info.min_ps)
 
 
-def propose(draft_logits: torch.Tensor, sampling_info) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """draft_logits [bs, B-1, V] -> drafts [bs, B-1] int64 and q [bs, B-1, V] (None when all greedy).
+class Proposal(NamedTuple):
+    drafts: torch.Tensor  # [bs, B-1] int64
+    q: torch.Tensor | None  # [bs, B-1, V] float32: what each draft was drawn from; None when all greedy
+    nonfinite: torch.Tensor  # [bs] bool: the drafter's logits held NaN or inf (a broken drafter)
+
+
+def propose(draft_logits: torch.Tensor, sampling_info) -> Proposal:
+    """draft_logits [bs, B-1, V] -> the drafts.
 
     Sampling requests draw each draft from the drafter's own distribution, processed with the request's
-    temperature / top-k / top-p / min-p, so acceptance can use the real q (not a point mass)."""
+    temperature / top-k / top-p / min-p, so acceptance can use the real q (not a point mass). A broken
+    drafter (NaN / inf logits) may only cost acceptance: greedy drafts are then some valid id the target
+    rejects, and a q row with no finite mass becomes a point mass on token 0 (any q the draft is really
+    drawn from keeps rejection sampling exact)."""
+    nonfinite = ~torch.isfinite(draft_logits).all(dim=-1).all(dim=-1)
     if sampling_info.is_all_greedy:
-        return draft_logits.argmax(dim=-1), None
+        return Proposal(draft_logits.argmax(dim=-1), None, nonfinite)
     bs, n, V = draft_logits.shape
     q = processed_probs(draft_logits.reshape(bs * n, V), *_sampling_tensors(sampling_info, n, V))
+    mass = q.sum(dim=-1, keepdim=True)
+    usable = torch.isfinite(mass) & (mass > 0)  # NaN > 0 is False
+    q = torch.where(usable, q, F.one_hot(torch.zeros_like(mass[:, 0], dtype=torch.int64), V).to(q.dtype))
     drafts = torch.multinomial(q, 1)[:, 0].view(bs, n)
-    return drafts, q.view(bs, n, V)
+    return Proposal(drafts, q.view(bs, n, V), nonfinite)
 
 
 class Accepted(NamedTuple):

@@ -28,6 +28,7 @@ from .. import __version__, envs
 from ..config import check_for_sglang, check_target_model
 from . import stages
 from .context import ContextWriter
+from .draft_health import DraftHealth
 from .spec_inputs import BlockForwardInput, DFlashDraftInput
 from .timing import StepTimer
 
@@ -82,6 +83,7 @@ class DFlashWorker(BaseSpecWorker):
         self.buffers: stages.StepBuffers | None = None
         self.mask_token_id = self.draft_model.cfg.mask_token_id
         self.timer = StepTimer(envs.timing_enabled(), self.device)
+        self.draft_health = DraftHealth()
         logger.info("sglang-dflash %s: DFLASH worker active (block size %d, drafter layers %d, target layers %s)",
                     __version__, self.block_size, self.draft_model.cfg.num_hidden_layers,
                     list(self.draft_model.cfg.target_layer_ids))
@@ -149,12 +151,13 @@ class DFlashWorker(BaseSpecWorker):
             self.buffers = stages.StepBuffers(batch.req_to_token_pool.req_to_token.shape[0], B, anchor.device)
         block = stages.block_layout(batch, anchor, self.mask_token_id, B, self.buffers)  # [L, L+B) of each request
         with timer.stage("draft"):
-            drafts, draft_probs, draft_graph = self._draft(batch, block)
-        verify_ids = stages.verify_ids(block, drafts, self.buffers)  # [bs, B]
+            proposal, draft_graph = self._draft(batch, block)
+            self.draft_health.watch(batch.reqs, proposal.nonfinite)
+        verify_ids = stages.verify_ids(block, proposal.drafts, self.buffers)  # [bs, B]
         with timer.stage("verify"):
             logits, target_hidden, verify_graph = self._verify(batch, block, verify_ids)
         with timer.stage("accept"):
-            acc = stages.accept(verify_ids, logits, draft_probs, seq_lens, batch.sampling_info)
+            acc = stages.accept(verify_ids, logits, proposal.q, seq_lens, batch.sampling_info)
             if on_publish is not None:  # as soon as the lengths exist, before the commit's work
                 on_publish(acc.new_seq_lens)
         with timer.stage("commit"):
@@ -174,14 +177,14 @@ class DFlashWorker(BaseSpecWorker):
         return result
 
     def _draft(self, batch, block):
-        """-> drafts [bs, B-1] int64, draft_probs [bs, B-1, V] or None when every request is greedy,
+        """-> the proposal (drafts [bs, B-1], their q or None when every request is greedy, non-finite flags)
         and whether the forward replayed a CUDA graph."""
         B = self.block_size
         fb = self._block_forward_batch(batch, self.draft_runner, block.ids, block, CaptureHiddenMode.NULL)
         out = self.draft_runner.forward(fb)
         hidden = out.logits_output.hidden_states  # [bs*B, H]; a graph's output buffer: used before the next replay
         hidden = hidden.view(-1, B, hidden.shape[-1])[:, 1:]
-        return *stages.propose(self.draft_model.draft_logits(hidden), batch.sampling_info), out.can_run_graph
+        return stages.propose(self.draft_model.draft_logits(hidden), batch.sampling_info), out.can_run_graph
 
     def _verify(self, batch, block, verify_ids):
         """-> target logits [bs, B, V] float32, target_hidden [bs*B, K*H], whether a CUDA graph replayed.
