@@ -51,16 +51,16 @@ class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
         return o
 
     def _verify_layout(self, fb, B: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """All requests padded to T = max(L_i) + B keys: the KV slots to read [bs, T] and the visibility mask
+        """All requests padded to T = max(L_i + B) keys: the KV slots to read [bs, T] and the visibility mask
         [bs, 1, B, T]. Computed once per forward (the first layer's call) and reused by the others.
         Padding reads slot 0 and is masked out: masked keys get zero weight, so their (finite) values
         never reach the output."""
         if self._layout_for is not None and self._layout_for[0] is fb and self._layout_for[1] == causal:
             return self._layout
         prefix = fb.seq_lens.long()  # [bs] committed lengths L_i
-        host_lens = getattr(fb, "seq_lens_cpu", None)
-        host_lens = prefix if host_lens is None else host_lens  # this backend runs on CPU only: no sync to fear
-        T = int(host_lens.max()) + B
+        keys = getattr(fb, "seq_lens_cpu", None)  # [bs] L_i + B on the host (`stages.set_block_key_lengths`)
+        keys = prefix + B if keys is None else keys  # this backend runs on CPU only: no sync to fear
+        T = int(keys.max())
         dev = prefix.device
         pos = torch.arange(T, device=dev)
         valid = pos[None, :] < (prefix + B)[:, None]  # [bs, T]

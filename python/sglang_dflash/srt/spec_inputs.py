@@ -81,6 +81,29 @@ class BlockForwardInput(SpecInput):
         self.num_tokens_per_req = self.draft_token_num
         self.num_tokens_for_logprob_per_req = self.draft_token_num
 
+    def generate_attn_arg_prefill(self, *, req_pool_indices: torch.Tensor, paged_kernel_lens: torch.Tensor,
+                                  paged_kernel_lens_sum: int, translator, plan, kv_start_idx=None,
+                                  kv_indices_buf: torch.Tensor | None = None, kind=None, **_: object):
+        """FlashInfer's paged-prefill arguments for this forward (SGLang 0.5.23 `flashinfer_backend.py` asks a
+        DFLASH verify input for them; FA3, triton and torch_native do not). `paged_kernel_lens` are the device
+        committed lengths L [bs]; every request reads L + B keys (context, then the block, whose K/V this
+        forward writes first) and asks B queries. No custom mask: FlashInfer's causal flag per layer already
+        gives the target's causal verify and the drafter's non-causal (ENCODER_ONLY) block.
+        -> kv_indices [sum(L) + bs*B] int32, kv_indptr [bs+1] int32, qo_indptr [bs+1] int32, None."""
+        from sglang.srt.mem_cache.kv_loc_plan import IdSpaceKind
+
+        bs, B, dev = req_pool_indices.numel(), self.draft_token_num, req_pool_indices.device
+        qo_indptr = torch.arange(0, (bs + 1) * B, B, dtype=torch.int32, device=dev)
+        kv_lens = paged_kernel_lens + B
+        kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=dev)
+        kv_indptr[1:] = torch.cumsum(kv_lens, dim=0)
+        kv_indices = kv_indices_buf if kv_indices_buf is not None else torch.empty(
+            paged_kernel_lens_sum + bs * B, dtype=torch.int32, device=dev)
+        translator.pack_read_stream(plan, req_pool_indices=req_pool_indices, seq_lens=kv_lens, indptr=kv_indptr,
+                                    out=kv_indices, kv_start_idx=kv_start_idx,
+                                    kind=IdSpaceKind.FULL if kind is None else kind)
+        return kv_indices, kv_indptr, qo_indptr, None
+
 
 def reserve_block_slots(batch: ScheduleBatch, *, reserve: int) -> None:
     """Make sure every request owns KV slots for positions [committed, committed + reserve).

@@ -54,6 +54,19 @@ def block_layout(batch, bonus: torch.Tensor, mask_id: int, B: int, buffers: Step
                              mask_id, B, out=buffers.block(bonus.shape[0])))
 
 
+def set_block_key_lengths(batch, B: int) -> None:
+    """The host lengths a block forward's attention metadata reads: L + B keys per request (context, then the
+    block). SGLang 0.5.23's own DFLASH does the same: FlashInfer's CUDA-graph replay plan builds its key
+    offsets from `seq_lens_cpu`, which must then match the device offsets (L + B); the device `seq_lens`
+    stay L, since FA3 and triton add B themselves. Host tensors and ints only (no sync); the scheduler
+    restores both fields after the step. Under overlap scheduling SGLang leaves `seq_lens_cpu` unset for backends
+    that declare they need no host lengths (FA3): then both stay as they are."""
+    if batch.seq_lens_cpu is None:
+        return
+    batch.seq_lens_cpu = batch.seq_lens_cpu + B
+    batch.seq_lens_sum = batch.seq_lens_sum + B * batch.seq_lens_cpu.shape[0]
+
+
 def verify_ids(block: BlockLayout, drafts: torch.Tensor, buffers: StepBuffers) -> torch.Tensor:
     """[anchor, d_1 .. d_(B-1)] per request: the tokens the target verifies [bs, B]."""
     out = buffers.verify_ids[: drafts.shape[0]]
@@ -75,6 +88,13 @@ def _sampling_tensors(sampling_info, rows: int, vocab: int):
     return rep(sampling_info.temperatures), rep(top_k), rep(sampling_info.top_ps), rep(sampling_info.min_ps)
 
 
+def _sampling_shortcuts(sampling_info) -> dict:
+    """The host-side batch facts SGLang's own sampler uses to skip the sort (`sampling.processed_probs`)."""
+    filtered = (sampling_info.need_top_k_sampling or sampling_info.need_top_p_sampling
+                or sampling_info.need_min_p_sampling)
+    return dict(filtered=filtered, max_top_k=sampling_info.max_top_k)
+
+
 class Proposal(NamedTuple):
     drafts: torch.Tensor  # [bs, B-1] int64
     q: torch.Tensor | None  # [bs, B-1, V] float32: what each draft was drawn from; None when all greedy
@@ -93,7 +113,8 @@ def propose(draft_logits: torch.Tensor, sampling_info) -> Proposal:
     if sampling_info.is_all_greedy:
         return Proposal(draft_logits.argmax(dim=-1), None, nonfinite)
     bs, n, V = draft_logits.shape
-    q = processed_probs(draft_logits.reshape(bs * n, V), *_sampling_tensors(sampling_info, n, V))
+    q = processed_probs(draft_logits.reshape(bs * n, V), *_sampling_tensors(sampling_info, n, V),
+                        **_sampling_shortcuts(sampling_info))
     mass = q.sum(dim=-1, keepdim=True)
     usable = torch.isfinite(mass) & (mass > 0)  # NaN > 0 is False
     q = torch.where(usable, q, F.one_hot(torch.zeros_like(mass[:, 0], dtype=torch.int64), V).to(q.dtype))
@@ -115,7 +136,8 @@ def accept(verify_ids: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Te
         greedy = dflash_kernels.get("greedy_accept", logits.device)
         return Accepted(*greedy(verify_ids, logits.argmax(dim=-1), seq_lens))
     bs, B, V = logits.shape
-    p = processed_probs(logits.reshape(bs * B, V), *_sampling_tensors(sampling_info, B, V)).view(bs, B, V)
+    p = processed_probs(logits.reshape(bs * B, V), *_sampling_tensors(sampling_info, B, V),
+                        **_sampling_shortcuts(sampling_info)).view(bs, B, V)
     uniforms = torch.rand(bs, B - 1, device=logits.device)
     exponentials = torch.empty(bs, V, device=logits.device).exponential_()
     sample = dflash_kernels.get("sample_accept", logits.device)  # rejection sampling with the real q
