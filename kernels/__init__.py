@@ -1,10 +1,10 @@
 """dflash_kernels: drop-in kernels for the hot path of a DFLASH step, each beside its PyTorch reference.
 
 Every kernel module defines `reference(...)` (plain PyTorch, the definition) and `triton_impl(...)` (same
-signature, same outputs). `get(name, device)` returns the Triton version where it can run (a CUDA device,
-or any device under TRITON_INTERPRET=1, which is how the CPU tests run it) and the reference elsewhere;
-falling back is logged once per kernel. Modules are imported lazily, so CPU-only installs never need a
-working Triton.
+signature, same outputs). `get(name, device, **shape)` returns the Triton version where it can run (a CUDA
+device, or any device under TRITON_INTERPRET=1, which is how the CPU tests run it) and takes the shape (a
+module's optional `supports(**shape)`), the reference elsewhere; falling back is logged once per kernel.
+Modules are imported lazily, so CPU-only installs never need a working Triton.
 
 | kernel | computes | module |
 |---|---|---|
@@ -54,13 +54,24 @@ def _has_triton() -> bool:
     return True
 
 
-def get(name: str, device) -> Callable:
+def get(name: str, device, **shape) -> Callable:
+    """The kernel `name` for `device`. `shape` (e.g. head_dim=...) is checked against the module's `supports`
+    where it has one: a shape the Triton version cannot take gets the reference, logged once per kernel."""
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}, expected one of {KERNELS}")
     module = importlib.import_module(f"{__name__}.{name}")
     if triton_usable(device):
-        return module.triton_impl
+        supports = getattr(module, "supports", None)
+        if supports is None or supports(**shape):
+            return module.triton_impl
+        _log_once(name, "dflash kernel %s: the Triton version does not take %s, using the PyTorch reference",
+                  name, shape)
+        return module.reference
+    _log_once(name, "dflash kernel %s: Triton cannot run on %s here, using the PyTorch reference", name, device)
+    return module.reference
+
+
+def _log_once(name: str, msg: str, *args) -> None:
     if name not in _warned:
         _warned.add(name)
-        logger.info("dflash kernel %s: Triton cannot run on %s here, using the PyTorch reference", name, device)
-    return module.reference
+        logger.info(msg, *args)

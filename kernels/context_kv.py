@@ -48,6 +48,13 @@ def layer_pools(k: list[torch.Tensor], v: list[torch.Tensor]) -> LayerPools:
     return LayerPools(list(k), list(v), table(k), table(v))
 
 
+def supports(head_dim: int) -> bool:
+    """The kernel works on half a head at a time with tl.arange: head_dim / 2 must be a power of two
+    (64 and 128 are; 80 and 96 are not: those take the reference)."""
+    half = head_dim // 2
+    return head_dim % 2 == 0 and half >= 1 and half & (half - 1) == 0
+
+
 def stack_kv_projection(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The drafter layers' k_proj / v_proj as one [L * 2 * nkv * hd, H] weight (rows: layer, k|v) and bias."""
     w = torch.cat([torch.cat([ly.self_attn.k_proj.weight, ly.self_attn.v_proj.weight]) for ly in layers])

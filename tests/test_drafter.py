@@ -160,3 +160,35 @@ def test_shape_mismatch_and_corrupt(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="no \\*.safetensors"):
         DFlashDrafter.from_pretrained(tmp_path)
+
+
+def test_loads_the_z_lab_qwen3_4b_config_with_an_extra_tensor(tmp_path, caplog):
+    """z-lab/Qwen3-4B-DFlash-b16's exact shapes, random weights, plus a tensor the drafter does not use (z-lab
+    exports may carry e.g. `mask_embedding`): it loads, the extra is named in a warning; a missing one fails."""
+    import json
+    import logging
+
+    from safetensors.torch import save_file
+    from sglang_dflash.config import DFlashConfig
+
+    cfg = DFlashConfig(hidden_size=2560, intermediate_size=9728, num_hidden_layers=5, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+                       max_position_embeddings=40960, block_size=16, target_layer_ids=(1, 9, 17, 25, 33),
+                       mask_token_id=151669, num_target_layers=36, vocab_size=151936)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in DFlashDrafter(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.empty(shape, dtype=torch.bfloat16).normal_(generator=g) for k, shape in shapes.items()}
+    state["mask_embedding"] = torch.randn(2560).to(torch.bfloat16)
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    with caplog.at_level(logging.WARNING, logger="sglang_dflash"):
+        d = DFlashDrafter.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert "mask_embedding" in caplog.text and "ignoring 1 tensors" in caplog.text
+    assert sum(p.numel() for p in d.parameters()) == sum(t.numel() for k, t in state.items() if k != "mask_embedding")
+    assert torch.equal(d.layers[4].mlp.down_proj.weight, state["layers.4.mlp.down_proj.weight"])
+    assert torch.allclose(d.rotary.inv_freq, 1.0 / (1e6 ** (torch.arange(0, 128, 2).float() / 128)))
+    del state["layers.2.self_attn.k_norm.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensors \['layers.2.self_attn.k_norm.weight'\]"):
+        DFlashDrafter.from_pretrained(tmp_path, dtype=torch.bfloat16)

@@ -44,6 +44,17 @@ def test_registry_falls_back_on_cpu_without_interpreter(monkeypatch):
         dflash_kernels.get("nope", "cpu")
 
 
+def test_registry_takes_the_reference_for_shapes_the_kernel_cannot(monkeypatch):
+    """context_kv works on half heads with tl.arange: head_dim 80 (half 40) must take the reference."""
+    from dflash_kernels import context_kv
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dflash_kernels.get("context_kv", "cpu", head_dim=128) is context_kv.triton_impl
+    assert dflash_kernels.get("context_kv", "cpu", head_dim=64) is context_kv.triton_impl
+    for hd in (80, 96, 7):
+        assert dflash_kernels.get("context_kv", "cpu", head_dim=hd) is context_kv.reference
+
+
 def test_gpu_check_dry_run(tmp_path):
     """The prepared GPU check runs end to end on CPU with tiny shapes, so its first GPU run is not its first."""
     root = Path(__file__).resolve().parents[1]
@@ -57,4 +68,6 @@ def test_gpu_check_dry_run(tmp_path):
     assert {r["name"] for r in rows} >= {"drafter forward", "block_prep kernel", "greedy_accept kernel",
                                          "sample_accept kernel", "context_kv kernel",
                                          "context write, stacked + context_kv (wired)"}
+    names = " ".join(r["name"] for r in rows)
+    assert "context_kv head_dim 10" in names and names.count("sampling probs") == 3 * 2  # 3 cases x 2 batches
     assert "14 passed, 0 failed" in (tmp_path / "kernel_sweep.txt").read_text()

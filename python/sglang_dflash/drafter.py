@@ -16,6 +16,7 @@ once per committed token (`context_kv`) and keeps it in a cache; the block's K/V
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DFlashConfig
+
+logger = logging.getLogger("sglang_dflash")
 
 
 class RMSNorm(nn.Module):
@@ -44,8 +47,16 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """(Re)compute inv_freq [hd/2], always float32 whatever the model's dtype (also after the module was
+        built on the meta device or cast)."""
+        hd = self.head_dim
+        exponents = torch.arange(0, hd, 2, dtype=torch.float32, device=self.inv_freq.device) / hd
+        self.inv_freq = 1.0 / (self.theta**exponents)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [bs, n, heads, hd], positions [bs, n] int64 -> x rotated, same shape and dtype."""
@@ -181,11 +192,14 @@ class DFlashDrafter(nn.Module):
         block_size: int | None = None,
     ) -> "DFlashDrafter":
         """Load a z-lab drafter directory (config.json + *.safetensors or pytorch_model.bin),
-        strictly (`load_weights_into`)."""
+        through `load_weights_into` (all tensors present; extras skipped with a warning)."""
         cfg = DFlashConfig.from_pretrained(path, block_size=block_size)
-        model = cls(cfg)
+        with torch.device("meta"):  # no random init of weights that are overwritten at once
+            model = cls(cfg)
+        model = model.to_empty(device=device).to(dtype)
+        model.rotary.reset()
         load_weights_into(model.state_dict(), load_state_dict(Path(path)).items(), str(path))
-        return model.to(device=device, dtype=dtype).eval()
+        return model.eval()
 
     def save_pretrained(self, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
         from safetensors.torch import save_file
@@ -220,8 +234,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights_into(own: dict[str, torch.Tensor], weights: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
-    """Copy checkpoint tensors into a drafter's state (`DFlashDrafter.state_dict()`), strictly: every tensor
-    present with its shape, nothing unknown. A `model.` prefix is removed. `weights` may read files lazily
+    """Copy checkpoint tensors into a drafter's state (`DFlashDrafter.state_dict()`): every tensor present with
+    its shape (else ValueError); tensors the drafter does not use are skipped with a warning naming them (z-lab
+    checkpoints may carry extras). A `model.` prefix is removed. `weights` may read files lazily
     (SGLang's loader does): a read error names the checkpoint. The one weight check of both drafters."""
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -244,6 +259,9 @@ def load_weights_into(own: dict[str, torch.Tensor], weights: Iterable[tuple[str,
             own[name].copy_(tensor)
         seen.add(name)
     missing = sorted(set(own) - seen)
-    if missing or unexpected:
+    if missing:
         raise ValueError(f"DFlash drafter {where!r}: checkpoint does not match the config: missing tensors "
-                         f"{missing}, unexpected tensors {sorted(unexpected)}")
+                         f"{missing}" + (f" (it holds other tensors: {sorted(unexpected)})" if unexpected else ""))
+    if unexpected:  # z-lab exports may carry extras the drafter does not use (SGLang's own loader skips them)
+        logger.warning("DFlash drafter %r: ignoring %d tensors the drafter does not use: %s", where, len(unexpected),
+                       sorted(unexpected)[:10])

@@ -30,7 +30,7 @@ class ContextWriter:
     def __init__(self, draft_model, draft_runner) -> None:
         self.draft_model = draft_model  # srt.models.draft_model.DFlashDraftModel
         self.draft_runner = draft_runner  # its KV pool is attached after the worker is built: read it per call
-        self.kernel = dflash_kernels.get("context_kv", draft_runner.device)
+        self.kernel = dflash_kernels.get("context_kv", draft_runner.device, head_dim=draft_model.cfg.head_dim)
         self._pools = None
         self._fast: bool | None = None
 

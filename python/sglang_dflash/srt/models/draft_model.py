@@ -101,7 +101,7 @@ class DFlashDraftModel(nn.Module):
 
     # -- weights ---------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Strict: every drafter tensor must be present, nothing else may be (`drafter.load_weights_into`)."""
+        """Every drafter tensor must be present; extras are skipped with a warning (`drafter.load_weights_into`)."""
         self._stacked = None
         load_weights_into(self.drafter.state_dict(), weights, getattr(self.config, "_name_or_path", "?"))
 
