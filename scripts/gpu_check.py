@@ -6,7 +6,9 @@
 Measures first the device's copy bandwidth and bf16 matrix rate, then, at batch 1, 8 and 32: the drafter
 forward (5 layers, hidden 2560, 32 heads, 8 KV heads, head dim 128, B = 16, 1024 context tokens), a
 verify-sized forward of the same width (36 such layers, causal), each kernel against its PyTorch
-reference, the whole context write (per layer vs the wired stacked projection + context_kv), and one
+reference (context_kv also at head dim 80, where the registry falls back to the reference), the sampling
+distributions of a sampled step (full sort vs SGLang's shortcuts, with peak memory), the whole context write
+(per layer vs the wired stacked projection + context_kv), and one
 full draft step (block prep + drafter forward + lm_head argmax + greedy accept); on a GPU the draft step
 and the verify-sized forward are also timed as CUDA graphs, as SGLang replays them.
 Each row reports time, and achieved FLOP/s or bytes/s against the measured peaks. Writes
@@ -193,6 +195,40 @@ def main(argv: list[str] | None = None) -> int:
             t_k = timeit(lambda a=cargs: context_kv.triton_impl(*a), device, iters)
             row("context_kv reference", bs, t_ref, nbytes=nbytes)
             row("context_kv kernel", bs, t_k, nbytes=nbytes, note=f"{t_ref / t_k:.2f}x faster than reference")
+            # head_dim 80 (half 40, not a power of two): the registry gives the reference there
+            hd80 = 80 if not dry else 10
+            fused80 = [torch.zeros(2, 4 * n, nkv, hd80, dtype=dtype, device=device) for _ in range(L)]
+            pools80 = context_kv.layer_pools([f[0] for f in fused80], [f[1] for f in fused80])
+            inv80 = 1.0 / (1e6 ** (torch.arange(0, hd80, 2, device=device).float() / hd80))
+            args80 = (torch.randn(n, L, 2, nkv, hd80, dtype=dtype, device=device),
+                      torch.ones(L, hd80, dtype=dtype, device=device), 1e-6, cpos, inv80, cslots, pools80)
+            assert not context_kv.supports(hd80) and context_kv.supports(hd)
+            row(f"context_kv head_dim {hd80} (reference: the kernel needs a power-of-two half head)", bs,
+                timeit(lambda a=args80: context_kv.reference(*a), device, iters), nbytes=nbytes * hd80 // hd)
+            # a sampled step's distributions: p over bs*B rows and q over bs*(B-1) rows of the vocabulary,
+            # full sort vs SGLang's shortcuts (top-k only; plain temperature); peak memory on a GPU
+            from sglang_dflash.sampling import processed_probs
+
+            srows = bs * (2 * B - 1)
+            slog = torch.randn(srows, V, device=device) * 4
+            full_args = (slog, torch.full((srows,), 0.8, device=device), torch.full((srows,), 50, device=device),
+                         torch.full((srows,), 0.95, device=device), torch.zeros(srows, device=device))
+            topk_args = (*full_args[:3], torch.ones(srows, device=device), full_args[4])
+            plain_args = (*full_args[:2], torch.full((srows,), V, device=device), *topk_args[3:])
+            cases = {"full sort (top-k 50 + top-p 0.95)": lambda a=full_args: processed_probs(*a),
+                     "top-k 50 shortcut": lambda a=topk_args: processed_probs(*a, max_top_k=50),
+                     "plain temperature (no sort)": lambda a=plain_args: processed_probs(*a, filtered=False)}
+            for what, fn in cases.items():
+                note = ""
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    base_mem = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    fn()
+                    torch.cuda.synchronize()
+                    note = f"peak +{(torch.cuda.max_memory_allocated() - base_mem) / 2**20:.0f} MiB"
+                row(f"sampling probs, {what}, {srows} rows", bs, timeit(fn, device, iters), note=note)
+            del slog, full_args, topk_args, plain_args, cases
             # the whole context write the worker does after each accept (n = bs*B rows), from target hidden
             # states: per layer (k_proj, v_proj, k_norm, RoPE, two scatters each) vs the wired path (ONE
             # stacked projection + kernel context_kv)

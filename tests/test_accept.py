@@ -140,3 +140,21 @@ def test_processed_probs_equals_sglang_function():
     theirs = torch.zeros(n, V).scatter_(1, order.long(), weights)
     theirs = theirs / theirs.sum(1, keepdim=True)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_processed_probs_shortcuts_equal_the_full_sort():
+    """SGLang's sampler skips the sort when no row filters, and ranks only max_top_k columns when every row
+    has a top-k: both shortcuts give the full computation's distribution."""
+    torch.manual_seed(1)
+    n, V = 16, 300
+    logits = torch.randn(n, V) * 3
+    temps = torch.rand(n) + 0.3
+    top_k = torch.randint(1, 40, (n,))
+    top_p = torch.rand(n) * 0.8 + 0.2
+    min_p = torch.rand(n) * 0.2
+    full = processed_probs(logits, temps, top_k, top_p, min_p)
+    torch.testing.assert_close(processed_probs(logits, temps, top_k, top_p, min_p, max_top_k=int(top_k.max())), full)
+    off = (torch.full((n,), V), torch.ones(n), torch.zeros(n))
+    plain = processed_probs(logits, temps, *off, filtered=False)
+    torch.testing.assert_close(plain, torch.softmax(logits / temps[:, None], -1))
+    torch.testing.assert_close(processed_probs(logits, temps, *off), plain, atol=1e-6, rtol=0)

@@ -25,7 +25,8 @@ from sglang_server import Server, start_all
 def _sampling_info(bs, temperature=1.0, top_k=5, top_p=1.0, min_p=0.0, greedy=False):
     return types.SimpleNamespace(
         is_all_greedy=greedy, temperatures=torch.full((bs, 1), temperature), top_ks=torch.full((bs,), top_k),
-        top_ps=torch.full((bs,), top_p), min_ps=torch.full((bs,), min_p))
+        top_ps=torch.full((bs,), top_p), min_ps=torch.full((bs,), min_p), need_top_k_sampling=top_k < 11,
+        need_top_p_sampling=top_p < 1, need_min_p_sampling=min_p > 0, max_top_k=top_k)
 
 
 def _broken_logits(bs=4, n=3, V=11):

@@ -48,12 +48,25 @@ def processed_probs(
     top_k: torch.Tensor,  # [n] int64, >= 1 (use V for "off")
     top_p: torch.Tensor,  # [n] float in (0, 1]
     min_p: torch.Tensor,  # [n] float in [0, 1]
+    *,
+    filtered: bool = True,
+    max_top_k: int | None = None,
 ) -> torch.Tensor:
-    """-> probs [n, V] float32, each row the renormalised distribution SGLang samples from."""
+    """-> probs [n, V] float32, each row the renormalised distribution SGLang samples from.
+
+    The two shortcuts SGLang's own sampler takes, from host-side batch facts (no sync): `filtered=False`
+    when no row asks for top-k, top-p or min-p (its `simple_sampling_case`: the softmax itself, no sort), and
+    `max_top_k` (>= every row's top_k) to rank only that many columns with a top-k instead of sorting the
+    whole vocabulary (columns past it are zeroed by the top-k rule anyway)."""
     probs = torch.softmax(logits.float() / temperature[:, None].float(), dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
+    if not filtered:
+        return probs
+    if max_top_k is not None and max_top_k < probs.shape[-1]:
+        sorted_p, order = probs.topk(max_top_k, dim=-1, sorted=True)
+    else:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
     cum = sorted_p.cumsum(dim=-1)
-    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    rank = torch.arange(sorted_p.shape[-1], device=probs.device)[None, :]
     sorted_p = sorted_p.masked_fill(rank >= top_k[:, None], 0.0)
     sorted_p = sorted_p.masked_fill((cum - sorted_p) > top_p[:, None], 0.0)
     threshold = sorted_p[:, :1] * min_p[:, None]
@@ -73,4 +86,6 @@ def probs_for(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         torch.full((n,), top_k, device=dev, dtype=torch.int64),
         torch.full((n,), params.top_p, device=dev),
         torch.full((n,), params.min_p, device=dev),
+        filtered=top_k < V or params.top_p < 1 or params.min_p > 0,
+        max_top_k=top_k,
     )
