@@ -1,7 +1,7 @@
 """Serving benchmark: the same SGLang server with DFLASH and without, side by side in one run.
 
     .venv/bin/python scripts/bench_serving.py [--concurrency 1,4,16] [--max-new-tokens 64] [--requests 32] [--timing]
-        [--model DIR --draft DIR] [--out docs/bench_serving] [-- extra SGLang server args]
+        [--overlap] [--model DIR --draft DIR] [--out docs/bench_serving] [-- extra SGLang server args]
 
 Both servers serve the fixed prompt set shipped in `sglang_dflash/assets/bench_prompts.json` (code, prose,
 dialogue; chat template applied), greedy, the same max_new_tokens, EOS ignored so every request decodes
@@ -9,7 +9,9 @@ the same length. For each concurrency the baseline and DFLASH are measured one a
 server idle), after a warm-up that is not counted. Reported per side: output tokens/s, time to first token,
 inter-token latency p50/p99 (a streamed chunk's gap shared by its tokens), and for DFLASH the mean
 acceptance length (tokens per verify step) and its histogram; plus the DFLASH/baseline throughput ratio.
-Greedy outputs must be identical between the two servers: a mismatch fails the benchmark (exit 1).
+`--overlap` adds a third side: DFLASH with SGLang's overlap scheduler (SGLANG_ENABLE_DFLASH_SPEC_V2=1),
+reported as its own tok/s, its ratio to the baseline and to synchronous DFLASH.
+Greedy outputs must be identical between the servers: a mismatch fails the benchmark (exit 1).
 Writes OUT.json, OUT.md and OUT.png.
 """
 
@@ -125,6 +127,9 @@ def plot(results: list[dict], path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(cs, [r["baseline"]["output_tok_s"] for r in results], "o-", label="no speculation")
     a.plot(cs, [r["dflash"]["output_tok_s"] for r in results], "o-", label="DFLASH")
+    if "dflash_overlap" in results[0]:
+        a.plot(cs, [r["dflash_overlap"]["output_tok_s"] for r in results], "o-", label="DFLASH, overlap")
+        b.plot(cs, [r["overlap_ratio"] for r in results], "o--", color="C3", label="overlap")
     a.set_xscale("log", base=2)
     a.set_xlabel("concurrency")
     a.set_ylabel("output tokens/s")
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="docs/bench_serving")
     ap.add_argument("--timing", action="store_true",
                     help="run the DFLASH server with SGLANG_DFLASH_TIMING=1 and report its step split per level")
+    ap.add_argument("--overlap", action="store_true",
+                    help="also measure DFLASH with SGLang's overlap scheduler (SGLANG_ENABLE_DFLASH_SPEC_V2=1)")
     ap.add_argument("--baseline-max-new-tokens", type=int, default=None,
                     help="testing only: a different length for the baseline, to see the equality check fail")
     ap.add_argument("server_args", nargs="*", help="extra SGLang server arguments (after --)")
@@ -158,34 +165,44 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     base = Server(t_dir, None, *args.server_args)
     spec = Server(t_dir, d_dir, *args.server_args, env={"SGLANG_DFLASH_TIMING": "1"} if args.timing else None)
-    start_all(base, spec)
+    sides = [("baseline", base), ("dflash", spec)]
+    if args.overlap:
+        sides.append(("dflash_overlap", Server(t_dir, d_dir, *args.server_args,
+                                               env={"SGLANG_ENABLE_DFLASH_SPEC_V2": "1"})))
+    start_all(*(s for _, s in sides))
     results, mismatches = [], 0
     try:
         warm = load_prompts(t_dir, 2)
-        for s in (base, spec):
+        for _, s in sides:
             s.generate_many(warm, 8, concurrency=2)
-        total = sum(2 * (args.requests or max(16, 2 * c)) for c in levels)
+        total = sum(len(sides) * (args.requests or max(16, 2 * c)) for c in levels)
         bar = tqdm(total=total, desc="requests", unit="req")
         for c in levels:
             prompts = load_prompts(t_dir, args.requests or max(16, 2 * c))
             row = {"concurrency": c}
             log_start = len(spec.log())
-            for name, s in (("baseline", base), ("dflash", spec)):
+            for name, s in sides:
                 bar.set_postfix(side=name, concurrency=c)
                 n = args.baseline_max_new_tokens if name == "baseline" and args.baseline_max_new_tokens else None
                 row[name] = run_level(s, prompts, n or args.max_new_tokens, c, bar)
-            outs_b, outs_d = row["baseline"].pop("_outputs"), row["dflash"].pop("_outputs")
-            bad = sum(a != b for a, b in zip(outs_b, outs_d))
-            row["identical_outputs"] = f"{len(outs_b) - bad}/{len(outs_b)}"
+            outs_b = row["baseline"].pop("_outputs")
+            bad = 0
+            for name, _ in sides[1:]:
+                bad += sum(a != b for a, b in zip(outs_b, row[name].pop("_outputs")))
+            row["identical_outputs"] = f"{len(outs_b) * (len(sides) - 1) - bad}/{len(outs_b) * (len(sides) - 1)}"
             mismatches += bad
             row["ratio"] = round(row["dflash"]["output_tok_s"] / row["baseline"]["output_tok_s"], 3)
+            if args.overlap:
+                ovl = row["dflash_overlap"]["output_tok_s"]
+                row["overlap_ratio"] = round(ovl / row["baseline"]["output_tok_s"], 3)
+                row["overlap_vs_sync"] = round(ovl / row["dflash"]["output_tok_s"], 3)
             if args.timing:
                 row["dflash"]["step_timing"] = last_step_timing(spec, log_start)
             results.append(row)
         bar.close()
     finally:
-        base.stop()
-        spec.stop()
+        for _, s in sides:
+            s.stop()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": str(t_dir), "draft": str(d_dir),
@@ -201,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"{b['ttft_mean_s']} / {d['ttft_mean_s']} | {b['itl_p50_ms']} / {d['itl_p50_ms']} | "
                      f"{b['itl_p99_ms']} / {d['itl_p99_ms']} | {d.get('mean_accept_length', '-')} | "
                      f"{r['identical_outputs']} |")
+    if args.overlap:
+        lines.append("\n| concurrency | DFLASH overlap tok/s | overlap / baseline | overlap / synchronous DFLASH | "
+                     "mean accept length |\n|---|---|---|---|---|")
+        for r in results:
+            lines.append(f"| {r['concurrency']} | {r['dflash_overlap']['output_tok_s']} | {r['overlap_ratio']}x | "
+                         f"{r['overlap_vs_sync']}x | {r['dflash_overlap'].get('mean_accept_length', '-')} |")
     hist = Counter()
     for r in results:
         hist.update({int(k): v for k, v in r["dflash"].get("accept_length_histogram", {}).items()})

@@ -210,6 +210,7 @@ def test_worker_reports_its_paths(servers):
     stacked one (kernel context_kv), not the per-layer fallback."""
     dflash, _ = servers
     assert "DFLASH worker active" in dflash.log()
+    assert "the scheduler overlaps steps" not in dflash.log()  # synchronous by default (test_sglang_overlap.py)
     line = next((x for x in dflash.log().splitlines() if "sglang-dflash: context K/V" in x), "")
     assert "context K/V stacked, kernel context_kv" in line, line or dflash.log()[-3000:]
 

@@ -33,6 +33,10 @@ from .spec_inputs import BlockForwardInput, DFlashDraftInput
 from .timing import StepTimer
 
 logger = logging.getLogger("sglang_dflash")
+# attention backends a block forward (the target's verify, the drafter's non-causal block) has been run on, end
+# to end; any other backend starts with a warning until a run says otherwise (fa3 and flashinfer are written to
+# SGLang 0.5.23's contracts but no GPU has run them)
+VERIFIED_ATTENTION_BACKENDS = ("torch_native",)
 
 
 class DFlashWorker(BaseSpecWorker):
@@ -84,6 +88,12 @@ class DFlashWorker(BaseSpecWorker):
         self.mask_token_id = self.draft_model.cfg.mask_token_id
         self.timer = StepTimer(envs.timing_enabled(), self.device)
         self.draft_health = DraftHealth()
+        self._overlap_seen = False
+        for role, name in (("target", server_args.attention_backend),
+                           ("drafter", spec.speculative_draft_attention_backend)):
+            if name not in VERIFIED_ATTENTION_BACKENDS:
+                logger.warning("sglang-dflash: %s attention backend %r has not been run with this worker yet "
+                               "(unverified; run on so far: %s)", role, name, ", ".join(VERIFIED_ATTENTION_BACKENDS))
         logger.info("sglang-dflash %s: DFLASH worker active (block size %d, drafter layers %d, target layers %s)",
                     __version__, self.block_size, self.draft_model.cfg.num_hidden_layers,
                     list(self.draft_model.cfg.target_layer_ids))
@@ -119,6 +129,9 @@ class DFlashWorker(BaseSpecWorker):
 
     # -- the step ---------------------------------------------------------------------------------
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None):
+        if on_publish is not None and not self._overlap_seen:  # SGLang passes it only from its overlap branch
+            self._overlap_seen = True
+            logger.info("sglang-dflash: the scheduler overlaps steps (overlap path: lengths published early)")
         if batch.forward_mode.is_extend():
             with self.timer.stage("prefill"):
                 return self._prefill(batch, on_publish)
@@ -150,6 +163,7 @@ class DFlashWorker(BaseSpecWorker):
         if self.buffers is None:  # sized from SGLang's request table, which exists once serving starts
             self.buffers = stages.StepBuffers(batch.req_to_token_pool.req_to_token.shape[0], B, anchor.device)
         block = stages.block_layout(batch, anchor, self.mask_token_id, B, self.buffers)  # [L, L+B) of each request
+        stages.set_block_key_lengths(batch, B)  # host L+B for both block forwards; device seq_lens stay L
         with timer.stage("draft"):
             proposal, draft_graph = self._draft(batch, block)
             self.draft_health.watch(batch.reqs, proposal.nonfinite)
