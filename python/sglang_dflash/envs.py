@@ -4,11 +4,14 @@ SGLANG_ENABLE_DFLASH_SPEC_V2=1 (or SGLANG_ENABLE_SPEC_V2=1): serve DFLASH with S
     (the V2 path: the scheduler prepares the next batch while this one runs; bonus tokens and lengths
     travel through its FutureMap). Off by default: DFLASH runs the synchronous scheduler.
     SGLANG_ENABLE_OVERLAP_PLAN_STREAM has no effect with our worker: for DFLASH, SGLang 0.5.23 reads it
-    only in its own draft input, which ours replaces. SGLang 0.5.23 never overlaps speculative decoding
-    on CPU (it forces the synchronous scheduler there).
+    only in its own draft input, which ours replaces. On CPU too: SGLang 0.5.23 forces the synchronous
+    scheduler on CPU only for the EAGLE family and NGRAM, not for DFLASH.
 SGLANG_DFLASH_TIMING=1: time the stages of every decode step (draft, verify, accept, commit) and log the
     split of every 50 steps; off by default (it synchronises the device after each stage, which also
     serialises an overlapped scheduler: use it to see the split, not to measure throughput).
+TRITON_INTERPRET=1 (Triton's own switch, read here too): Triton kernels run on the CPU interpreter; the CPU
+    platform then also lets the drafter use SGLang's `triton` attention backend (`--attention-backend triton
+    --speculative-draft-attention-backend triton`), so a GPU backend's metadata path runs on CPU (slowly).
 """
 
 from __future__ import annotations
@@ -31,3 +34,7 @@ def overlap_requested() -> bool:
 
 def timing_enabled() -> bool:
     return _flag("SGLANG_DFLASH_TIMING")
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"  # Triton's own reading of it

@@ -3,8 +3,8 @@
 SGLang 0.5.23 on a CPU-only machine without its CPU kernel build falls back to a bare platform whose
 rotary embedding imports vllm, and refuses DFLASH on device "cpu". This out-of-tree platform is SGLang's
 in-tree CPU platform plus: torch_native attention and the pytorch sampler by default, DFLASH supported
-with torch_native for the drafter too. `activate()` returns None where CUDA, ROCm, XPU or NPU is present,
-so GPU machines are untouched. Written against SGLang 0.5.23.
+with torch_native for the drafter too (and triton under TRITON_INTERPRET=1). `activate()` returns None where
+CUDA, ROCm, XPU or NPU is present, so GPU machines are untouched. Written against SGLang 0.5.23.
 """
 
 from __future__ import annotations
@@ -42,7 +42,12 @@ class DFlashCpuPlatform(CpuSRTPlatform):
         return algorithm.upper() == "DFLASH"
 
     def supports_speculative_draft_attention_backend(self, algorithm: str, backend: str) -> bool:
-        return algorithm.upper() == "DFLASH" and backend == "torch_native"
+        from ..envs import triton_interpreter
+
+        # triton only under Triton's CPU interpreter: SGLang's triton backend then runs here (slowly), which is
+        # how its GPU metadata path (kv indptr, ENCODER_ONLY non-causal extend) is tested on CPU
+        allowed = ("torch_native", "triton") if triton_interpreter() else ("torch_native",)
+        return algorithm.upper() == "DFLASH" and backend in allowed
 
     def apply_server_args_defaults(self, server_args) -> None:
         super().apply_server_args_defaults(server_args)

@@ -89,6 +89,7 @@ class DFlashWorker(BaseSpecWorker):
         self.timer = StepTimer(envs.timing_enabled(), self.device)
         self.draft_health = DraftHealth()
         self._overlap_seen = False
+        self._first_forward_logged = False
         for role, name in (("target", server_args.attention_backend),
                            ("drafter", spec.speculative_draft_attention_backend)):
             if name not in VERIFIED_ATTENTION_BACKENDS:
@@ -129,6 +130,11 @@ class DFlashWorker(BaseSpecWorker):
 
     # -- the step ---------------------------------------------------------------------------------
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None):
+        if not self._first_forward_logged:  # what actually runs, once: attention backends and scheduler mode
+            self._first_forward_logged = True
+            logger.info("sglang-dflash: attention backends: target %s, drafter %s",
+                        type(self.target_worker.model_runner.attn_backend).__name__,
+                        type(self.draft_runner.attn_backend).__name__)
         if on_publish is not None and not self._overlap_seen:  # SGLang passes it only from its overlap branch
             self._overlap_seen = True
             logger.info("sglang-dflash: the scheduler overlaps steps (overlap path: lengths published early)")
