@@ -14,9 +14,9 @@ import types
 
 import pytest
 import torch
+from sampling_check import check_first_two_tokens
 from sglang_dflash.assets import heldout_prompts
 from sglang_dflash.reference import generate
-from sglang_dflash.sampling import SamplingParams, probs_for
 from sglang_dflash.srt.draft_health import DraftHealth
 from sglang_dflash.srt.stages import propose
 from sglang_server import Server, start_all
@@ -134,25 +134,6 @@ def test_greedy_unchanged_sampling_served_and_warned(broken, tiny_pair_models, k
 
 def test_sampling_distribution_is_the_targets_with_a_nan_drafter(broken):
     """First two sampled tokens (temperature 1, top-k 6) against the target's exact joint probabilities."""
-    from scipy.stats import chisquare
-
     servers, target = broken
-    V, prompt = 8, [1, 2, 3]
-    params = SamplingParams(temperature=1.0, top_k=6)
-    with torch.no_grad():
-        p1 = probs_for(target(torch.tensor([prompt])).logits[0, -1:], params)[0]
-        joint = torch.zeros(V, V)
-        for a in range(V):
-            if p1[a] > 0:
-                joint[a] = p1[a] * probs_for(target(torch.tensor([prompt + [a]])).logits[0, -1:], params)[0]
-    n = 1000
-    outs = servers["small"].generate_many([prompt] * n, 3, concurrency=16, temperature=1.0, top_k=6, ignore_eos=True)
-    counts = torch.zeros(V, V)
-    for o in outs:
-        counts[o["output_ids"][0], o["output_ids"][1]] += 1
-    assert counts.flatten()[joint.flatten() == 0].sum() == 0, "a token of probability 0 was sampled"
-    keep = joint.flatten() > 1e-3
-    obs = counts.flatten()[keep]
-    exp = joint.flatten()[keep] / joint.flatten()[keep].sum() * obs.sum()
-    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+    check_first_two_tokens(servers["small"], target, n=1000)
     assert servers["small"].proc.poll() is None

@@ -34,9 +34,10 @@ from .timing import StepTimer
 
 logger = logging.getLogger("sglang_dflash")
 # attention backends a block forward (the target's verify, the drafter's non-causal block) has been run on, end
-# to end; any other backend starts with a warning until a run says otherwise (fa3 and flashinfer are written to
-# SGLang 0.5.23's contracts but no GPU has run them)
-VERIFIED_ATTENTION_BACKENDS = ("torch_native",)
+# to end: torch_native on CPU, triton on CPU under Triton's interpreter (tests/test_sglang_triton_backend.py).
+# Any other backend starts with a warning until a run says otherwise (fa3 and flashinfer are written to
+# SGLang 0.5.23's contracts but no GPU has run them).
+VERIFIED_ATTENTION_BACKENDS = ("torch_native", "triton")
 
 
 class DFlashWorker(BaseSpecWorker):
