@@ -144,3 +144,19 @@ def accept(verify_ids: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Te
     accept_len, bonus = sample(verify_ids, draft_probs, p, uniforms, exponentials)
     tokens = committed_tokens(verify_ids[:, 1:], accept_len, bonus)  # the layout greedy_accept writes
     return Accepted(accept_len, bonus, tokens, seq_lens.long() + accept_len + 1)
+
+
+def rehearse_sampled_step(bs: int, B: int, vocab: int, device) -> Accepted:
+    """One sampled step's distributions and acceptance at batch `bs` on zero logits, with top-p 0.95 in every
+    request: the full-vocabulary sort, the largest temporaries a step makes (q over bs*(B-1) rows, p over bs*B
+    rows). The worker runs it at start on a GPU to measure that peak (`DFlashWorker.prewarm_sampling`)."""
+    import types
+
+    full = lambda value, dtype=torch.float32: torch.full((bs,), value, dtype=dtype, device=device)  # noqa: E731
+    info = types.SimpleNamespace(is_all_greedy=False, temperatures=full(1.0)[:, None], top_ks=full(vocab, torch.int32),
+                                 top_ps=full(0.95), min_ps=full(0.0), need_top_k_sampling=False,
+                                 need_top_p_sampling=True, need_min_p_sampling=False, max_top_k=None)
+    proposal = propose(torch.zeros(bs, B - 1, vocab, device=device), info)
+    verify = torch.cat([torch.zeros(bs, 1, dtype=torch.int64, device=device), proposal.drafts], dim=1)
+    logits = torch.zeros(bs, B, vocab, device=device)
+    return accept(verify, logits, proposal.q, torch.zeros(bs, dtype=torch.int64, device=device), info)

@@ -125,6 +125,36 @@ class DFlashWorker(BaseSpecWorker):
         with draft_pp_context(), draft_tp_context(self.draft_parallel_layout):
             self._draft_worker.init_cuda_graphs(capture_decode_cuda_graph=capture)
 
+    def prewarm_sampling(self):
+        """Reserve a sampled step's memory peak, as SGLang's own DFLASH does: on a GPU, rehearse the step at the
+        largest batch it can see (`stages.rehearse_sampled_step`, the full-vocabulary sort) and report the peak
+        as headroom SGLang's KV sizing keeps free when it does not serve such temporaries from graph storage.
+        Elsewhere (CPU) nothing is reserved, as SGLang's default."""
+        from sglang.srt.model_executor.model_runner import SamplingPrewarmResult
+
+        runner = self.target_worker.model_runner
+        result = runner.prewarm_sampling()
+        if not str(self.device).startswith("cuda"):
+            return result
+        B, vocab = self.block_size, runner.model_config.vocab_size
+        bs = runner.max_decode_logits_rows() // B
+        if runner.max_running_requests is not None:
+            bs = min(bs, int(runner.max_running_requests))
+        bs = max(1, bs)
+        stages.rehearse_sampled_step(bs, B, vocab, self.device)  # once, so cached workspaces are off the peak
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_stats()["allocated_bytes.all.current"]
+        stages.rehearse_sampled_step(bs, B, vocab, self.device)
+        torch.cuda.synchronize()
+        peak = torch.cuda.memory_stats()["allocated_bytes.all.peak"] - base
+        inputs = (2 * B - 1) * bs * vocab * 4  # the float32 logits the rehearsal itself allocates
+        result = SamplingPrewarmResult(sampling_input_bytes=inputs, sampling_headroom_bytes=peak + inputs)
+        runner.sampling_prewarm_result = result
+        logger.info("sglang-dflash: sampled-step rehearsal at batch %d: peak %.1f MiB kept free beside the KV pool",
+                    bs, result.sampling_headroom_bytes / 2**20)
+        return result
+
     @property
     def spec_v2_attn_backends(self) -> tuple:
         return (self.target_worker.model_runner.attn_backend, self.draft_runner.attn_backend)
