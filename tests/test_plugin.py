@@ -33,31 +33,36 @@ def test_version_mismatch_is_named(monkeypatch, caplog):
     assert "0.5.23" in caplog.text and "0.4.0" in caplog.text
 
 
-def test_check_input_names_each_bad_value():
-    """The tokenizer-manager check (`srt/requests.check_input`) on one generate sub-request."""
+def test_admit_input_serves_exactly_or_names_each_bad_value():
+    """The tokenizer-manager check (`srt/requests.admit_input`) on one generate sub-request."""
     import types
 
     import pytest
-    from sglang_dflash.srt.requests import check_input
+    from sglang_dflash.srt.requests import admit_input
 
     def req(**kw):
         base = dict(input_ids=None, input_embeds=None, image_data=None, sampling_params={}, top_logprobs_num=None)
         return types.SimpleNamespace(**{**base, **kw})
 
-    check_input(req(input_ids=[0, 9]), [0, 9], vocab=10, hidden_size=4)  # fine
-    check_input(req(image_data=["x"]), [0, 10**6], vocab=10, hidden_size=4)  # multimodal placeholders pass
-    check_input(req(input_embeds=[[0.0] * 4] * 3), None, vocab=10, hidden_size=4)
+    admit_input(req(input_ids=[0, 9]), [0, 9], vocab=10, hidden_size=4)  # fine
+    admit_input(req(image_data=["x"]), [0, 10**6], vocab=10, hidden_size=4)  # multimodal placeholders pass
+    admit_input(req(input_embeds=[[0.0] * 4] * 3), None, vocab=10, hidden_size=4)
+    # served exactly, rewritten: stop ids no token can equal are dropped; a top_k past int32 is off (-1)
+    served = req(sampling_params={"stop_token_ids": [3, -2, 10, 9], "top_k": 2**31, "top_p": 0.5})
+    admit_input(served, [1], vocab=10, hidden_size=4)
+    assert served.sampling_params == {"stop_token_ids": [3, 9], "top_k": -1, "top_p": 0.5}
+    kept = req(sampling_params={"top_k": 50})
+    admit_input(kept, [1], vocab=10, hidden_size=4)
+    assert kept.sampling_params == {"top_k": 50}
     cases = [
         (req(), [1, 10], "token id 10 at position 1"),
         (req(), [], "input_ids is empty"),
-        (req(), [1, True], "token id True"),
+        (req(), [1, True], "token id True"),  # as SGLang's own HTTP schema: a bool is not a token id
         (req(input_embeds=[[0.0] * 4, [0.0] * 3]), None, "input_embeds row 1 has 3 values, expected the model's "
                                                          "hidden size 4"),
         (req(input_embeds=[]), None, "input_embeds is empty"),
-        (req(sampling_params={"stop_token_ids": [3, -2]}), [1], "stop_token_ids holds token id -2"),
-        (req(sampling_params={"top_k": 2**31}), [1], f"top_k={2**31}"),
         (req(top_logprobs_num=11), [1], "top_logprobs_num=11"),
     ]
     for obj, ids, words in cases:
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("[", r"\[")):
-            check_input(obj, ids, vocab=10, hidden_size=4)
+            admit_input(obj, ids, vocab=10, hidden_size=4)

@@ -17,8 +17,9 @@ process, before SGLang parses its arguments. Each hook says why it exists:
    message (HTTP 400) instead of crashing the scheduler or being half-served.
 7. Input check (AROUND `TokenizerManager._validate_one_request`, where SGLang 0.5.23 checks a request's
    lengths before it is sent to the scheduler; DFLASH servers only): inputs that would crash a forward
-   and every request in flight with it (out-of-vocabulary ids, input_embeds of the wrong width, ...) are
-   refused with HTTP 400 naming the bad value (`requests.check_input`). Stock SGLang checks none of them.
+   and every request in flight with it are served exactly where they can be (stop ids outside the
+   vocabulary dropped, a top_k past int32 switched off) and refused with HTTP 400 naming the bad value
+   otherwise (out-of-vocabulary prompt ids, ...) (`requests.admit_input`). Stock SGLang checks none of them.
 5. Scheduler mode (AROUND `sglang.srt.arg_groups.speculative_hook._handle_dflash`, SGLang's DFLASH argument
    resolution): SGLang 0.5.23 overlaps speculative steps by default on GPU; our default is the synchronous
    scheduler, and `SGLANG_ENABLE_DFLASH_SPEC_V2=1` (or `SGLANG_ENABLE_SPEC_V2=1`) keeps the overlap path on
@@ -41,12 +42,12 @@ KV_WARMUP_TARGET = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._init_kv_c
 INPUT_CHECK_TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 
 
-def _check_input_then(original, manager, obj, input_ids, *args, **kwargs):
+def _admit_input_then(original, manager, obj, input_ids, *args, **kwargs):
     if manager.server_args.speculative_algorithm == "DFLASH":
-        from .requests import check_input
+        from .requests import admit_input
 
         cfg = manager.model_config
-        check_input(obj, input_ids, cfg.vocab_size, cfg.hidden_size)
+        admit_input(obj, input_ids, cfg.vocab_size, cfg.hidden_size)
     return original(manager, obj, input_ids, *args, **kwargs)
 
 
@@ -86,6 +87,6 @@ def install() -> None:
     HookRegistry.register(REQUEST_CHECK_TARGET, validate_request, HookType.REPLACE)
     HookRegistry.register(ARGS_TARGET, _synchronous_unless_overlap_requested, HookType.AROUND)
     HookRegistry.register(KV_WARMUP_TARGET, _skip_kv_copy_warmup_on_cpu, HookType.AROUND)
-    HookRegistry.register(INPUT_CHECK_TARGET, _check_input_then, HookType.AROUND)
+    HookRegistry.register(INPUT_CHECK_TARGET, _admit_input_then, HookType.AROUND)
     ModelRegistry.register("sglang_dflash.srt.models", overwrite=True, strict=True)
     register_attention_backend("torch_native")(_create_torch_native_backend)

@@ -1,12 +1,14 @@
 """Per-request checks for a DFLASH server.
 
-1. `check_input` (in SGLang's tokenizer manager, before a request reaches the scheduler): inputs that would
-   crash a forward, and with it every request in flight, get an HTTP 400 naming the bad value and the valid
-   range. Stock SGLang 0.5.23 checks none of these. Seen on a plain server (no speculation, bundled
+1. `admit_input` (in SGLang's tokenizer manager, before a request reaches the scheduler): input that would
+   crash a forward, and with it every request in flight, is either served exactly or refused with an HTTP 400
+   naming the bad value and the valid range. Seen on a plain SGLang 0.5.23 server (no speculation, bundled
    target): an out-of-vocabulary or negative prompt id, top_k=2**40 (an int32 overflow), and an
-   out-of-vocabulary stop id in a request with min_new_tokens (a scatter out of bounds) each kill the
-   server. Read in its code, not run: top_logprobs_num above the vocabulary (a topk past it), input_embeds
-   rows of the wrong width.
+   out-of-vocabulary stop id in a request with min_new_tokens (a scatter out of bounds) each kill the server.
+   Served exactly: stop ids outside the vocabulary are dropped (no generated token can equal one), a top_k
+   past int32 becomes -1 (off: any top_k >= the vocabulary keeps every token). Refused: prompt ids outside
+   the vocabulary; and, read in SGLang's code though not run, top_logprobs_num above the vocabulary (a topk
+   past it) and input_embeds rows of the wrong width.
 2. `validate_request` (in the scheduler, in place of its DFLASH request check): the same vocabulary check
    again on the ids the scheduler got (a backstop for paths that skip the tokenizer manager, e.g. extra
    tokenizer worker processes), then what the worker does not serve yet is refused with a clear message
@@ -38,9 +40,9 @@ def input_ids_error(ids, vocab: int, what: str = "input_ids") -> str | None:
     return None
 
 
-def check_input(obj, input_ids, vocab: int, hidden_size: int) -> None:
-    """One generate sub-request as SGLang's tokenizer manager validates it -> ValueError (HTTP 400) on input
-    that would crash a forward."""
+def admit_input(obj, input_ids, vocab: int, hidden_size: int) -> None:
+    """One generate sub-request as SGLang's tokenizer manager validates it: rewrites what can be served exactly
+    (in `obj.sampling_params`), raises ValueError (HTTP 400) on input that would crash a forward."""
     multimodal = any(getattr(obj, k, None) for k in ("image_data", "video_data", "audio_data"))
     embeds = getattr(obj, "input_embeds", None)
     errors = []
@@ -56,14 +58,14 @@ def check_input(obj, input_ids, vocab: int, hidden_size: int) -> None:
                 break
     elif not multimodal:  # multimodal prompts hold placeholder ids past the vocabulary by design
         errors.append(input_ids_error(input_ids, vocab))
-    sp = getattr(obj, "sampling_params", None) or {}
+    sp = getattr(obj, "sampling_params", None)
     if isinstance(sp, dict):
         stop_ids = sp.get("stop_token_ids")
-        if stop_ids:
-            errors.append(input_ids_error(list(stop_ids), vocab, "stop_token_ids"))
+        if stop_ids:  # an id no token can equal never stops anything: dropping it serves the request exactly
+            sp["stop_token_ids"] = [t for t in stop_ids if not (isinstance(t, int) and not 0 <= t < vocab)]
         top_k = sp.get("top_k")
-        if isinstance(top_k, int) and top_k > INT32_MAX:
-            errors.append(f"top_k={top_k} is too large; expected -1 (off) or an integer in [1, {INT32_MAX}]")
+        if isinstance(top_k, int) and top_k > INT32_MAX:  # past the vocabulary: the same as off
+            sp["top_k"] = -1
     top_n = getattr(obj, "top_logprobs_num", None)
     if isinstance(top_n, int) and top_n > vocab:
         errors.append(f"top_logprobs_num={top_n} is larger than the vocabulary; expected at most {vocab}")

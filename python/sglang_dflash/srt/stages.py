@@ -109,7 +109,8 @@ def propose(draft_logits: torch.Tensor, sampling_info) -> Proposal:
     drafter (NaN / inf logits) may only cost acceptance: greedy drafts are then some valid id the target
     rejects, and a q row with no finite mass becomes a point mass on token 0 (any q the draft is really
     drawn from keeps rejection sampling exact)."""
-    nonfinite = ~torch.isfinite(draft_logits).all(dim=-1).all(dim=-1)
+    # one reduction over the logits (no [bs, B-1, V] temporary): any NaN or inf makes its row's sum non-finite
+    nonfinite = ~torch.isfinite(draft_logits.sum(dim=-1)).all(dim=-1)
     if sampling_info.is_all_greedy:
         return Proposal(draft_logits.argmax(dim=-1), None, nonfinite)
     bs, n, V = draft_logits.shape
