@@ -75,22 +75,8 @@ def admit_input(obj, input_ids, vocab: int, hidden_size: int) -> None:
 
 
 def unsupported_reason(req) -> str | None:
-    sp = req.sampling_params
-    checks = [
-        (req.return_logprob, "return_logprob"),
-        (sp.frequency_penalty != 0.0, f"frequency_penalty={sp.frequency_penalty}"),
-        (sp.presence_penalty != 0.0, f"presence_penalty={sp.presence_penalty}"),
-        (sp.repetition_penalty != 1.0, f"repetition_penalty={sp.repetition_penalty}"),
-        (sp.min_new_tokens > 0, f"min_new_tokens={sp.min_new_tokens}"),
-        (bool(getattr(sp, "logit_bias", None)), "logit_bias"),
-        (any(getattr(sp, k, None) for k in ("json_schema", "regex", "ebnf", "structural_tag")),
-         "constrained decoding (json_schema / regex / ebnf / structural_tag)"),
-        (getattr(req, "custom_logit_processor", None) is not None, "custom_logit_processor"),
-        (getattr(req, "return_hidden_states", False), "return_hidden_states"),
-    ]
-    bad = [name for flag, name in checks if flag]
-    if bad:
-        return (f"sglang-dflash does not support {', '.join(bad)} with --speculative-algorithm DFLASH yet; "
+    if getattr(req, "return_hidden_states", False):
+        return ("sglang-dflash does not support return_hidden_states with --speculative-algorithm DFLASH yet; "
                 "send the request without it, or serve without speculative decoding")
     return None
 

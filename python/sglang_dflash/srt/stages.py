@@ -147,6 +147,20 @@ def accept(verify_ids: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Te
     return Accepted(accept_len, bonus, tokens, seq_lens.long() + accept_len + 1)
 
 
+def spec_logprobs(batch, logits_output, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Logprobs of every committed token (and top-k / asked-for ids) into `logits_output`, from the processed
+    verify rows `logits` [bs, B, V] the tokens were accepted under: the distribution SGLang's plain sampler
+    reports (log-softmax of the logits after penalties, grammar, bias and custom processors; divided by the
+    temperature unless the batch is all greedy). SGLang's `compute_spec_logprobs` does the work on the chain
+    layout: row j of request i <-> committed token (i, j); the scheduler keeps the first accept_len + 1."""
+    from sglang.srt.layers.logprob_processor import compute_spec_logprobs
+
+    bs, B, V = logits.shape
+    logits_output.next_token_logits = logits.view(bs * B, V)
+    compute_spec_logprobs(batch, logits_output, tokens.reshape(-1), chain_stride=B)
+    logits_output.next_token_logits = None
+
+
 def rehearse_sampled_step(bs: int, B: int, vocab: int, device) -> Accepted:
     """One sampled step's distributions and acceptance at batch `bs` on zero logits, with top-p 0.95 in every
     request: the full-vocabulary sort, the largest temporaries a step makes (q over bs*(B-1) rows, p over bs*B

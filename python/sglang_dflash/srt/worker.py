@@ -26,7 +26,7 @@ from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
 from .. import __version__, envs
 from ..config import check_for_sglang, check_target_model
-from . import stages
+from . import logit_rules, stages
 from .context import ContextWriter
 from .draft_health import DraftHealth
 from .spec_inputs import BlockForwardInput, DFlashDraftInput
@@ -87,6 +87,7 @@ class DFlashWorker(BaseSpecWorker):
         self.write_context = ContextWriter(self.draft_model, self.draft_runner)
         self.buffers: stages.StepBuffers | None = None
         self.mask_token_id = self.draft_model.cfg.mask_token_id
+        self.vocab_size = target_runner.model_config.vocab_size
         self.timer = StepTimer(envs.timing_enabled(), self.device)
         self.draft_health = DraftHealth()
         self._overlap_seen = False
@@ -170,10 +171,12 @@ class DFlashWorker(BaseSpecWorker):
             self._overlap_seen = True
             logger.info("sglang-dflash: the scheduler overlaps steps (overlap path: lengths published early)")
         if batch.forward_mode.is_extend():
+            if grammar_barrier is not None:
+                grammar_barrier()
             with self.timer.stage("prefill"):
                 return self._prefill(batch, on_publish)
         if batch.forward_mode.is_decode():
-            return self._decode(batch, on_publish)
+            return self._decode(batch, on_publish, grammar_barrier)
         raise NotImplementedError(f"sglang-dflash: forward mode {batch.forward_mode!r} is not supported")
 
     def _prefill(self, batch, on_publish) -> GenerationBatchResult:
@@ -186,11 +189,13 @@ class DFlashWorker(BaseSpecWorker):
         res.logits_output.hidden_states = None
         positions = stages.extend_positions(batch)
         self.write_context(target_hidden, positions, batch.out_cache_loc)
+        if any(logit_rules.needs_penalty(r.sampling_params) for r in batch.reqs):
+            logit_rules.start_counts(batch.reqs, res.next_token_ids, self.vocab_size)
         res.new_seq_lens = batch.seq_lens  # same object: the scheduler keeps its lengths
         res.next_draft_input = DFlashDraftInput(bonus_tokens=res.next_token_ids.long(), block_size=self.block_size)
         return res
 
-    def _decode(self, batch, on_publish) -> GenerationBatchResult:
+    def _decode(self, batch, on_publish, grammar_barrier=None) -> GenerationBatchResult:
         B, timer = self.block_size, self.timer
         timer.begin_step()
         anchor = batch.spec_info.bonus_tokens  # [bs]: last step's bonus, position L
@@ -201,22 +206,31 @@ class DFlashWorker(BaseSpecWorker):
             self.buffers = stages.StepBuffers(batch.req_to_token_pool.req_to_token.shape[0], B, anchor.device)
         block = stages.block_layout(batch, anchor, self.mask_token_id, B, self.buffers)  # [L, L+B) of each request
         stages.set_block_key_lengths(batch, B)  # host L+B for both block forwards; device seq_lens stay L
+        # penalties, grammar, logit_bias, custom processors: None for a batch that asks for none of them
+        rules = logit_rules.BlockRules.of(batch, B, self.vocab_size, anchor.device, grammar_barrier)
         with timer.stage("draft"):
-            proposal, draft_graph = self._draft(batch, block)
+            proposal, draft_graph = self._draft(batch, block, rules)
             self.draft_health.watch(batch.reqs, proposal.nonfinite)
         verify_ids = stages.verify_ids(block, proposal.drafts, self.buffers)  # [bs, B]
         with timer.stage("verify"):
             logits, target_hidden, verify_graph = self._verify(batch, block, verify_ids)
+            if rules is not None:  # each row processed as the plain sampler would at that point of the output
+                rules.verify(logits, verify_ids)
         with timer.stage("accept"):
             acc = stages.accept(verify_ids, logits, proposal.q, seq_lens, batch.sampling_info)
             if on_publish is not None:  # as soon as the lengths exist, before the commit's work
                 on_publish(acc.new_seq_lens)
+        logits_output = LogitsProcessorOutput(next_token_logits=None, hidden_states=None)
+        if batch.return_logprob:  # from the same processed verify rows the tokens were accepted under
+            stages.spec_logprobs(batch, logits_output, logits, acc.tokens)
         with timer.stage("commit"):
+            if rules is not None:
+                rules.commit(acc.tokens, acc.accept_len)
             # drafter context for the block rows (rows past the commit length are overwritten by the
             # next block before anything reads them), then the committed run.
             self.write_context(target_hidden, block.positions.flatten(), block.slots.flatten())
             result = GenerationBatchResult(
-                logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=None),
+                logits_output=logits_output,
                 next_token_ids=acc.tokens.flatten(),
                 accept_lens=acc.accept_len + 1,
                 new_seq_lens=acc.new_seq_lens,
@@ -227,7 +241,7 @@ class DFlashWorker(BaseSpecWorker):
         timer.end_step()
         return result
 
-    def _draft(self, batch, block):
+    def _draft(self, batch, block, rules):
         """-> the proposal (drafts [bs, B-1], their q or None when every request is greedy, non-finite flags)
         and whether the forward replayed a CUDA graph."""
         B = self.block_size
@@ -235,7 +249,10 @@ class DFlashWorker(BaseSpecWorker):
         out = self.draft_runner.forward(fb)
         hidden = out.logits_output.hidden_states  # [bs*B, H]; a graph's output buffer: used before the next replay
         hidden = hidden.view(-1, B, hidden.shape[-1])[:, 1:]
-        return stages.propose(self.draft_model.draft_logits(hidden), batch.sampling_info), out.can_run_graph
+        draft_logits = self.draft_model.draft_logits(hidden)
+        if rules is not None:
+            rules.draft(draft_logits)
+        return stages.propose(draft_logits, batch.sampling_info), out.can_run_graph
 
     def _verify(self, batch, block, verify_ids):
         """-> target logits [bs, B, V] float32, target_hidden [bs*B, K*H], whether a CUDA graph replayed.
