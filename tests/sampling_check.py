@@ -1,32 +1,65 @@
-"""The end-to-end sampling check shared by the server tests: the joint distribution of the first two sampled
-tokens from a server against the target's exact probabilities (temperature 1, top-k 6), chi-square."""
+"""The end-to-end sampling check shared by the server tests: the joint distribution of the first sampled tokens
+from a server against the target's exact probabilities (temperature 1, top-k 6, optionally with penalties),
+chi-square."""
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from sglang_dflash.sampling import SamplingParams, probs_for
 
 
-def check_first_two_tokens(server, target, *, vocab: int = 8, prompt=(1, 2, 3), n: int = 1200) -> int:
-    """Sample `n` requests of 3 tokens; assert no zero-probability pair and a chi-square p-value > 1e-3 against
-    the target's joint p(t1) p(t2 | t1). -> drafts accepted in all (the caller decides if that is enough)."""
+def _penalise(logits, output, penalties):
+    """SGLang's penalty rule at one sampling point: additive (frequency, presence) then scaling (repetition)."""
+    if not penalties:
+        return logits
+    c = torch.zeros_like(logits)
+    for t in output:
+        c[..., t] += 1
+    x = logits - penalties.get("frequency_penalty", 0.0) * c - penalties.get("presence_penalty", 0.0) * (c > 0).float()
+    scale = torch.where(c > 0, torch.tensor(penalties.get("repetition_penalty", 1.0)), torch.tensor(1.0))
+    return torch.where(x < 0, x * scale, x / scale)
+
+
+def check_first_tokens(server, target, *, k: int = 2, vocab: int = 8, prompt=(1, 2, 3), n: int = 1200,
+                       penalties: dict | None = None) -> int:
+    """Sample `n` requests of k + 1 tokens; assert no zero-probability sequence and a chi-square p-value > 1e-3
+    against the target's exact joint of the first k tokens (cells expected under 5 pooled). -> drafts accepted
+    in all (the caller decides if that is enough)."""
     from scipy.stats import chisquare
 
     prompt = list(prompt)
     params = SamplingParams(temperature=1.0, top_k=6)
-    with torch.no_grad():
-        p1 = probs_for(target(torch.tensor([prompt])).logits[0, -1:], params)[0]
-        joint = torch.zeros(vocab, vocab)
-        for a in range(vocab):
-            if p1[a] > 0:
-                joint[a] = p1[a] * probs_for(target(torch.tensor([prompt + [a]])).logits[0, -1:], params)[0]
-    outs = server.generate_many([prompt] * n, 3, concurrency=16, temperature=1.0, top_k=6, ignore_eos=True)
-    counts = torch.zeros(vocab, vocab)
+    joint = {}
+
+    def walk(prefix, prob):
+        if len(prefix) == k:
+            joint[tuple(prefix)] = prob
+            return
+        with torch.no_grad():
+            logits = target(torch.tensor([prompt + prefix])).logits[0, -1:]
+        p = probs_for(_penalise(logits, prefix, penalties), params)[0]
+        for t in range(vocab):
+            if p[t] > 0:
+                walk(prefix + [t], prob * float(p[t]))
+
+    walk([], 1.0)
+    outs = server.generate_many([prompt] * n, k + 1, concurrency=16, temperature=1.0, top_k=6, ignore_eos=True,
+                                **(penalties or {}))
+    counts = {}
     for o in outs:
-        counts[o["output_ids"][0], o["output_ids"][1]] += 1
-    assert counts.flatten()[joint.flatten() == 0].sum() == 0, "a token of probability 0 was sampled"
-    keep = joint.flatten() > 1e-3
-    obs = counts.flatten()[keep]
-    exp = joint.flatten()[keep] / joint.flatten()[keep].sum() * obs.sum()
-    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+        key = tuple(o["output_ids"][:k])
+        assert key in joint, f"sampled {key}, a sequence of probability 0"
+        counts[key] = counts.get(key, 0) + 1
+    big = [c for c in joint if joint[c] * n >= 5]
+    obs = [counts.get(c, 0) for c in big] + [n - sum(counts.get(c, 0) for c in big)]
+    exp = [joint[c] * n for c in big] + [n - sum(joint[c] * n for c in big)]
+    if exp[-1] < 1e-9:
+        obs, exp = obs[:-1], exp[:-1]
+    assert chisquare(obs, exp).pvalue > 1e-3, list(itertools.islice(zip(big, obs, exp), 20))
     return sum(o["meta_info"]["spec_num_correct_drafts"] for o in outs)
+
+
+def check_first_two_tokens(server, target, *, vocab: int = 8, prompt=(1, 2, 3), n: int = 1200) -> int:
+    return check_first_tokens(server, target, k=2, vocab=vocab, prompt=prompt, n=n)

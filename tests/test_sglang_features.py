@@ -22,7 +22,7 @@ MAX_NEW = 40
 @pytest.fixture(scope="module")
 def servers(tiny_pair):
     target, draft = tiny_pair
-    extra = ("--enable-custom-logit-processor",)
+    extra = ("--enable-custom-logit-processor", "--enable-return-hidden-states")
     dflash = Server(target, draft, *extra)
     plain = Server(target, None, "--disable-overlap-schedule", *extra)
     start_all(dflash, plain)
@@ -191,3 +191,28 @@ def test_constrained_decoding_equals_no_speculation(servers, prompts, name):
         if name == "json_schema" and d["meta_info"]["finish_reason"]["type"] == "stop":
             obj = json.loads(d["text"])
             assert set(obj) == {"name", "n"} and isinstance(obj["n"], int)
+
+
+def _flat_rows(hidden):
+    """meta_info hidden_states: [prefill rows (a list of rows), then one row per decode token]."""
+    rows = []
+    for item in hidden:
+        rows.extend(item if item and isinstance(item[0], list) else [item])
+    return rows
+
+
+def test_return_hidden_states_equal_no_speculation(servers, prompts):
+    """The target's final hidden states: every prompt position from the prefill, then one row per output token
+    after the first (the input that produced it), as without speculation; the drafter's captured layers are
+    never returned."""
+    import numpy as np
+
+    for p in heldout_prompts()[10:12]:  # prompts no other test sent: no prefix-cache hit, every prompt row returned
+        body = {"input_ids": p, "return_hidden_states": True, "sampling_params": {"max_new_tokens": 24,
+                                                                                  "temperature": 0}}
+        d, s = _both(servers, body)
+        assert d["output_ids"] == s["output_ids"]
+        dh, sh = _flat_rows(d["meta_info"]["hidden_states"]), _flat_rows(s["meta_info"]["hidden_states"])
+        assert len(dh) == len(sh) == len(p) + 24 - 1
+        assert len(dh[0]) == len(sh[0])
+        np.testing.assert_allclose(np.array(dh), np.array(sh), atol=1e-3, rtol=1e-3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_drafter, make_target
-from sampling_check import check_first_two_tokens
+from sampling_check import check_first_tokens, check_first_two_tokens
 from sglang_dflash.reference import generate
 from sglang_server import Server, start_all
 
@@ -75,4 +75,14 @@ def test_sampling_matches_target_distribution(small_vocab_server):
     target, server = small_vocab_server
     n = 1200
     accepted = check_first_two_tokens(server, target, n=n)
+    assert accepted > n // 10, f"only {accepted} drafts accepted in {n} requests"
+
+
+def test_sampling_with_penalties_matches_target_distribution(small_vocab_server):
+    """Sampling with all three penalties: the joint of the first three tokens (the third drawn from a verify row
+    that must count the accepted draft before it) against the target's penalised probabilities."""
+    target, server = small_vocab_server
+    n = 2000
+    accepted = check_first_tokens(server, target, k=3, n=n, penalties=dict(
+        frequency_penalty=0.7, presence_penalty=0.5, repetition_penalty=1.6))
     assert accepted > n // 10, f"only {accepted} drafts accepted in {n} requests"

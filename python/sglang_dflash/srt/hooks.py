@@ -12,9 +12,8 @@ process, before SGLang parses its arguments. Each hook says why it exists:
 3. Attention ("torch_native" in SGLang's attention-backend registry): the stock CPU backend cannot run
    TARGET_VERIFY forwards; ours can, so the same worker code path runs on CPU.
 4. Request check (REPLACE `sglang.srt.managers.scheduler.validate_dflash_request`, the function the
-   scheduler calls for every DFLASH request): out-of-vocabulary prompt ids, and requests asking for what
-   our worker does not serve yet (logprobs, penalties, constrained decoding, ...), are aborted with a
-   message (HTTP 400) instead of crashing the scheduler or being half-served.
+   scheduler calls for every DFLASH request): out-of-vocabulary prompt ids are aborted with a message
+   (HTTP 400) instead of crashing the scheduler (`requests.validate_request`).
 7. Input check (AROUND `TokenizerManager._validate_one_request`, where SGLang 0.5.23 checks a request's
    lengths before it is sent to the scheduler; DFLASH servers only): inputs that would crash a forward
    and every request in flight with it are served exactly where they can be (stop ids outside the
@@ -27,6 +26,12 @@ process, before SGLang parses its arguments. Each hook says why it exists:
 6. KV-copy warm-up (AROUND `MHATokenToKVPool._init_kv_copy_and_warmup`): any speculative algorithm makes
    SGLang warm up a Triton KV-copy kernel, which has no driver on a CPU-only machine; DFLASH never moves KV,
    so on CPU the warm-up is skipped (the copy config stays None, as it is for pools built without it).
+8. Final hidden states (`LogitsProcessor.keep_last_hidden_states` of the TARGET, set by `keep_final_hidden_states`
+   from the worker, only on servers started with --enable-return-hidden-states / --return-hidden-states-mode):
+   the worker captures the target's hidden states at the drafter's layers, and SGLang's logits processor then
+   hands back those layers instead of the final hidden state; with this flag on (SGLang sets it itself for
+   its aux-hidden-state capture feature) it also returns the final one, which is what return_hidden_states
+   reports without speculation.
 """
 
 from __future__ import annotations
@@ -49,6 +54,16 @@ def _admit_input_then(original, manager, obj, input_ids, *args, **kwargs):
         cfg = manager.model_config
         admit_input(obj, input_ids, cfg.vocab_size, cfg.hidden_size)
     return original(manager, obj, input_ids, *args, **kwargs)
+
+
+def keep_final_hidden_states(target_model) -> int:
+    """Hook 8: -> how many logits processors now keep the final hidden state beside the captured layers."""
+    from sglang.srt.layers.logits_processor import LogitsProcessor
+
+    found = [m for m in target_model.modules() if isinstance(m, LogitsProcessor)]
+    for m in found:
+        m.keep_last_hidden_states = True
+    return len(found)
 
 
 def _skip_kv_copy_warmup_on_cpu(original, pool, *args, **kwargs):

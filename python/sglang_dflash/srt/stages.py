@@ -147,6 +147,22 @@ def accept(verify_ids: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Te
     return Accepted(accept_len, bonus, tokens, seq_lens.long() + accept_len + 1)
 
 
+def returned_hidden_states(batch, logits_output, server_mode) -> torch.Tensor | None:
+    """What a prefill hands SGLang as `hidden_states` for return_hidden_states: the target's final hidden
+    states (kept beside the drafter's captured layers, hooks.keep_final_hidden_states), every extend token's
+    for the FULL mode SGLang's result processor then slices per request, each request's last for LAST; None
+    when no request asks (the captured layers are the worker's, never returned)."""
+    from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
+
+    final = logits_output.last_hidden_states
+    if final is None or server_mode == CaptureHiddenMode.NULL or not any(r.return_hidden_states for r in batch.reqs):
+        return None
+    if max(batch.return_hidden_states_mode, server_mode).is_full():
+        return final
+    last = torch.tensor(batch.extend_lens, device=final.device).cumsum(0) - 1
+    return final[last]
+
+
 def spec_logprobs(batch, logits_output, logits: torch.Tensor, tokens: torch.Tensor) -> None:
     """Logprobs of every committed token (and top-k / asked-for ids) into `logits_output`, from the processed
     verify rows `logits` [bs, B, V] the tokens were accepted under: the distribution SGLang's plain sampler

@@ -83,6 +83,13 @@ class DFlashWorker(BaseSpecWorker):
         self.draft_model = self.draft_runner.model  # srt.models.draft_model.DFlashDraftModel
         self.target_model = target_runner.model
         check_target_model(self.target_model)
+        from sglang.srt.model_executor.forward_batch_info import get_server_return_hidden_states_mode
+
+        self.hidden_states_mode = get_server_return_hidden_states_mode()  # NULL unless the server returns them
+        if self.hidden_states_mode != CaptureHiddenMode.NULL:
+            from .hooks import keep_final_hidden_states
+
+            keep_final_hidden_states(self.target_model)
         self.draft_model.attach_target(self.target_model)
         self.write_context = ContextWriter(self.draft_model, self.draft_runner)
         self.buffers: stages.StepBuffers | None = None
@@ -186,7 +193,7 @@ class DFlashWorker(BaseSpecWorker):
         if on_publish is not None:  # lengths are known now: let an overlapped scheduler plan the next batch
             on_publish(batch.seq_lens)
         target_hidden = res.logits_output.hidden_states  # [num_tokens, K*H]
-        res.logits_output.hidden_states = None
+        res.logits_output.hidden_states = stages.returned_hidden_states(batch, res.logits_output, self.hidden_states_mode)
         positions = stages.extend_positions(batch)
         self.write_context(target_hidden, positions, batch.out_cache_loc)
         if any(logit_rules.needs_penalty(r.sampling_params) for r in batch.reqs):
@@ -221,6 +228,8 @@ class DFlashWorker(BaseSpecWorker):
             if on_publish is not None:  # as soon as the lengths exist, before the commit's work
                 on_publish(acc.new_seq_lens)
         logits_output = LogitsProcessorOutput(next_token_logits=None, hidden_states=None)
+        if self.hidden_states_mode != CaptureHiddenMode.NULL and any(r.return_hidden_states for r in batch.reqs):
+            logits_output.hidden_states = self._final_hidden  # [bs*B, H]: row j <-> committed token j
         if batch.return_logprob:  # from the same processed verify rows the tokens were accepted under
             stages.spec_logprobs(batch, logits_output, logits, acc.tokens)
         with timer.stage("commit"):
@@ -261,6 +270,7 @@ class DFlashWorker(BaseSpecWorker):
         fb = self._block_forward_batch(batch, runner, verify_ids, block, CaptureHiddenMode.FULL)
         out = self.target_worker.forward_batch_generation(batch=None, forward_batch=fb, is_verify=True)
         logits = out.logits_output.next_token_logits
+        self._final_hidden = out.logits_output.last_hidden_states  # set only when return_hidden_states is on
         return (logits.view(verify_ids.shape[0], self.block_size, -1), out.logits_output.hidden_states,
                 out.can_run_cuda_graph)
 
