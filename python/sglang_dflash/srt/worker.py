@@ -193,7 +193,8 @@ class DFlashWorker(BaseSpecWorker):
         if on_publish is not None:  # lengths are known now: let an overlapped scheduler plan the next batch
             on_publish(batch.seq_lens)
         target_hidden = res.logits_output.hidden_states  # [num_tokens, K*H]
-        res.logits_output.hidden_states = stages.returned_hidden_states(batch, res.logits_output, self.hidden_states_mode)
+        res.logits_output.hidden_states = stages.returned_hidden_states(batch, res.logits_output,
+                                                                        self.hidden_states_mode)
         positions = stages.extend_positions(batch)
         self.write_context(target_hidden, positions, batch.out_cache_loc)
         if any(logit_rules.needs_penalty(r.sampling_params) for r in batch.reqs):
