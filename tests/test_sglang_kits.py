@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import unittest
 
 import pytest
 from sglang.test.kits.basic_api_contract_kit import BasicAPIContractMixin
@@ -30,6 +29,7 @@ from sglang.test.kits.spec_server_kits import (
     SpecPenaltyKit,
     SpecSamplingMaskKit,
 )
+from sglang.test.server_fixtures.spec_eagle_fixture import SpecEagleServerBase
 from sglang_dflash.assets import tiny_pair
 from sglang_server import Server
 
@@ -41,30 +41,47 @@ KITS = (SpecCorrectnessKit, SpecLogprobKit, SpecPenaltyKit, SpecFeatureKit, Spec
 
 
 class _OnBundledPair:
+    """The kits' fixture, on the bundled pair: SGLang's `SpecEagleServerBase` gives the helpers some kits call
+    (`run_decode`, `send_request`), this class the server. A server that died (the stock one dies on the
+    radix test's out-of-vocabulary ids) is started again before the next test, and the test that killed it
+    fails, so one crash costs one test, not every test after it."""
+
     speculative = False
     acc_length_thres = 1.2  # the bundled pair's level (SGLang's kits expect 3.1 from large pairs)
     batch_accept_len_thres = 1.1
+
+    @classmethod
+    def _start(cls):
+        target, draft = tiny_pair()
+        cls.server = Server(target, draft if cls.speculative else None, "--enable-return-hidden-states",
+                            "--enable-custom-logit-processor").wait_ready()
+        cls.base_url, cls.process = cls.server.url, cls.server.proc
 
     @classmethod
     def setUpClass(cls):
         from sglang.srt.utils.hf_transformers_utils import get_tokenizer
 
         os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]  # `sglang` command
-        target, draft = tiny_pair()
-        cls.model = str(target)
-        cls.server = Server(target, draft if cls.speculative else None, "--enable-return-hidden-states",
-                            "--enable-custom-logit-processor").wait_ready()
-        cls.base_url, cls.process = cls.server.url, cls.server.proc
+        cls.model = str(tiny_pair()[0])
         cls.tokenizer = get_tokenizer(cls.model)
+        cls._start()
 
     @classmethod
     def tearDownClass(cls):
         cls.server.stop()
 
+    def setUp(self):
+        if self.server.proc.poll() is not None:
+            print(f"[kits] server died (exit {self.server.proc.returncode}); starting it again")
+            type(self)._start()
 
-class TestKitsNoSpeculation(_OnBundledPair, *KITS, unittest.TestCase):
+    def tearDown(self):
+        assert self.server.proc.poll() is None, "the server died during this test"
+
+
+class TestKitsNoSpeculation(_OnBundledPair, *KITS, SpecEagleServerBase):
     pass
 
 
-class TestKitsDflash(_OnBundledPair, *KITS, unittest.TestCase):
+class TestKitsDflash(_OnBundledPair, *KITS, SpecEagleServerBase):
     speculative = True

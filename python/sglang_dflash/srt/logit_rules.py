@@ -16,9 +16,9 @@ own penalizer state is not advanced by speculative workers (its DFLASH never cou
 counts are kept here: rebuilt from the request's output at every prefill (new or retracted requests), and
 advanced by every committed run.
 
-The drafter's proposal gets the same rules where they cost nothing extra (the committed-state penalties,
-logit_bias, the grammar mask of the first position): any distribution the drafts are really drawn from keeps
-acceptance exact, a closer one only raises acceptance.
+The drafter's proposal gets the same rules where they are cheap (the committed-state penalties, logit_bias) or
+pay most (grammar: drafts redrawn position by position under the grammar, so none is one it refuses): any
+distribution the drafts are really drawn from keeps acceptance exact, a closer one only raises acceptance.
 """
 
 from __future__ import annotations
@@ -178,9 +178,11 @@ def _allowed(mask_row: torch.Tensor, token: int) -> bool:
 class ChainGrammar:
     """Per-position grammar masks along each request's drafted chain: row 0 from the grammar's state now (the
     committed output), row j after also accepting d_1 .. d_j; the matcher is rolled back to where it was.
-    The walk stops at the first draft the grammar refuses (that draft has probability 0 at the row before it,
-    so it is rejected and nothing after it is read) and after a draft that terminates the grammar (SGLang's
-    scheduler drops whatever follows it). Rows left unfilled allow every token."""
+    `constrain` draws the drafts under those masks, position by position (so every draft is one the grammar
+    allows), filling the masks as it goes; `walk` fills them along drafts drawn without the grammar. Either
+    stops after a draft that terminates the grammar (SGLang's scheduler drops whatever follows it), and the
+    walk at the first draft the grammar refuses (it has probability 0 at the row before it, so it is rejected
+    and nothing after it is read). Rows left unfilled allow every token."""
 
     def __init__(self, reqs, B: int, vocab: int, device, barrier=None) -> None:
         if barrier is not None:  # overlap scheduling: the previous step's tokens enter the matchers first
@@ -188,6 +190,7 @@ class ChainGrammar:
         self.picked = grammar_reqs(reqs)
         self.B, self.vocab, self.device = B, vocab, device
         self.mask = None
+        self.constrained = False
         if not self.picked:
             return
         g0 = self.picked[0][1]
@@ -195,17 +198,48 @@ class ChainGrammar:
         for i, g in self.picked:
             g.fill_vocab_mask(self.mask, i * B)
 
-    def first_row(self) -> torch.Tensor | None:
-        """bool [bs, V]: what the grammar allows next (verify row 0, the drafter's first position)."""
+    def constrain(self, drafts: torch.Tensor, q: torch.Tensor | None, draft_logits: torch.Tensor) -> None:
+        """Redraw the drafts [bs, B-1] of grammar requests in place, d_(j+1) under verify row j's mask: greedy
+        the best allowed token of `draft_logits` [bs, B-1, V]; sampled from q [bs, B-1, V] restricted to the
+        allowed tokens and renormalised, written back into q (the distribution each draft really comes from,
+        which acceptance needs; where the drafter put no mass on an allowed token, its best allowed one). One
+        host read per drafted position of a grammar request."""
         if self.mask is None:
-            return None
-        return bitmask_allows(self.mask[:: self.B].to(self.device), self.vocab)
+            return
+        B, V = self.B, self.vocab
+        for i, g in self.picked:
+            walked = 0
+            for j in range(B - 1):
+                allowed = bitmask_allows(self.mask[i * B + j: i * B + j + 1].to(self.device), V)[0]
+                best = int(draft_logits[i, j].masked_fill(~allowed, float("-inf")).argmax())
+                if q is None:
+                    t = best
+                else:
+                    row = q[i, j] * allowed
+                    mass = row.sum()
+                    row = row / mass if bool(mass > 0) else torch.nn.functional.one_hot(
+                        torch.tensor(best, device=row.device), V).to(row.dtype)
+                    q[i, j] = row
+                    t = int(torch.multinomial(row, 1))
+                drafts[i, j] = t
+                if not _allowed(self.mask[i * B + j], t):  # only a drafter with NaN logits gets here
+                    break
+                g.accept_token(t)
+                walked += 1
+                if g.is_terminated():
+                    break
+                g.fill_vocab_mask(self.mask, i * B + j + 1)
+            if walked:
+                g.rollback(walked)
+        self.constrained = True
 
     def walk(self, verify_ids: torch.Tensor) -> torch.Tensor | None:
         """verify_ids [bs, B] -> bool [bs, B, V] allowed tokens per verify row."""
         if self.mask is None:
             return None
         B = self.B
+        if self.constrained:  # the masks were filled along these very drafts
+            return bitmask_allows(self.mask.to(self.device), self.vocab).view(-1, B, self.vocab)
         ids = verify_ids.tolist()  # one host read, for grammar batches only
         for i, g in self.picked:
             walked = 0
@@ -248,16 +282,16 @@ class BlockRules:
         return None
 
     def draft(self, draft_logits: torch.Tensor) -> None:
-        """The drafter's logits [bs, B-1, V], in place: committed-state penalties, the first position's
-        grammar mask, logit_bias."""
+        """The drafter's logits [bs, B-1, V], in place: committed-state penalties, logit_bias."""
         if self.penalties is not None:
             apply_penalties(draft_logits, self.penalties, None)
-        if self.grammar is not None:
-            first = self.grammar.first_row()
-            if first is not None:
-                draft_logits[:, 0].masked_fill_(~first, float("-inf"))
         if self.logit_bias is not None:
             draft_logits.add_(self.logit_bias[:, None, :])
+
+    def constrain(self, drafts: torch.Tensor, q: torch.Tensor | None, draft_logits: torch.Tensor) -> None:
+        """Drafts of grammar requests redrawn under their grammar (`ChainGrammar.constrain`)."""
+        if self.grammar is not None:
+            self.grammar.constrain(drafts, q, draft_logits)
 
     def verify(self, logits: torch.Tensor, verify_ids: torch.Tensor) -> None:
         """The target's verify logits [bs, B, V], in place: every row as the non-speculative sampler would see

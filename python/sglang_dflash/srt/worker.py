@@ -262,7 +262,10 @@ class DFlashWorker(BaseSpecWorker):
         draft_logits = self.draft_model.draft_logits(hidden)
         if rules is not None:
             rules.draft(draft_logits)
-        return stages.propose(draft_logits, batch.sampling_info), out.can_run_graph
+        proposal = stages.propose(draft_logits, batch.sampling_info)
+        if rules is not None:
+            rules.constrain(proposal.drafts, proposal.q, draft_logits)
+        return proposal, out.can_run_graph
 
     def _verify(self, batch, block, verify_ids):
         """-> target logits [bs, B, V] float32, target_hidden [bs*B, K*H], whether a CUDA graph replayed.
