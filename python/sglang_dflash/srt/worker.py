@@ -29,6 +29,7 @@ from ..config import check_for_sglang, check_target_model
 from . import stages
 from .context import ContextWriter
 from .draft_health import DraftHealth
+from .parallel import RankSync, refuse_dp_attention
 from .spec_inputs import BlockForwardInput, DFlashDraftInput
 from .timing import StepTimer
 
@@ -43,6 +44,7 @@ VERIFIED_ATTENTION_BACKENDS = ("torch_native", "triton")
 class DFlashWorker(BaseSpecWorker):
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker: TpModelWorker) -> None:
         super().__init__()
+        from sglang.srt.distributed import get_tp_group
         from sglang.srt.layers.moe.utils import draft_model_build_scope
         from sglang.srt.runtime_context import get_spec
         from sglang.srt.speculative.draft_parallel import model_draft_parallel_spec, resolve_draft_parallel_layout
@@ -51,9 +53,7 @@ class DFlashWorker(BaseSpecWorker):
         if server_args.enable_mixed_chunk:
             raise ValueError("sglang-dflash: --enable-mixed-chunk is not supported (prefill and decode of one batch "
                              "in one forward); start without it")
-        if server_args.tp_size != 1 or server_args.enable_dp_attention:
-            raise ValueError(f"sglang-dflash: tp_size={server_args.tp_size}, enable_dp_attention="
-                             f"{server_args.enable_dp_attention}; only tp_size=1 without DP attention is supported yet")
+        refuse_dp_attention(server_args)
         self.server_args = server_args
         self._target_worker = target_worker
         self.device = target_worker.device
@@ -85,6 +85,7 @@ class DFlashWorker(BaseSpecWorker):
         check_target_model(self.target_model)
         self.draft_model.attach_target(self.target_model)
         self.write_context = ContextWriter(self.draft_model, self.draft_runner)
+        self.rank_sync = RankSync(get_tp_group())  # rank 0's drafts and acceptance on every TP rank
         self.buffers: stages.StepBuffers | None = None
         self.mask_token_id = self.draft_model.cfg.mask_token_id
         self.timer = StepTimer(envs.timing_enabled(), self.device)
@@ -208,7 +209,7 @@ class DFlashWorker(BaseSpecWorker):
         with timer.stage("verify"):
             logits, target_hidden, verify_graph = self._verify(batch, block, verify_ids)
         with timer.stage("accept"):
-            acc = stages.accept(verify_ids, logits, proposal.q, seq_lens, batch.sampling_info)
+            acc = self.rank_sync.accepted(stages.accept(verify_ids, logits, proposal.q, seq_lens, batch.sampling_info))
             if on_publish is not None:  # as soon as the lengths exist, before the commit's work
                 on_publish(acc.new_seq_lens)
         with timer.stage("commit"):
@@ -235,7 +236,8 @@ class DFlashWorker(BaseSpecWorker):
         out = self.draft_runner.forward(fb)
         hidden = out.logits_output.hidden_states  # [bs*B, H]; a graph's output buffer: used before the next replay
         hidden = hidden.view(-1, B, hidden.shape[-1])[:, 1:]
-        return stages.propose(self.draft_model.draft_logits(hidden), batch.sampling_info), out.can_run_graph
+        proposal = self.rank_sync.drafts(stages.propose(self.draft_model.draft_logits(hidden), batch.sampling_info))
+        return proposal, out.can_run_graph
 
     def _verify(self, batch, block, verify_ids):
         """-> target logits [bs, B, V] float32, target_hidden [bs*B, K*H], whether a CUDA graph replayed.
