@@ -12,6 +12,7 @@ Shapes: `num_tokens` = bs * B block tokens in a draft forward, `H` hidden, `K*H`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,19 @@ from ..parallel import ShardedLinears, check_tensor_parallel, load_shard, vocab_
 if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
+logger = logging.getLogger("sglang_dflash")
+
+
+def checkpoint_config(raw: dict) -> dict:
+    """The drafter config as the checkpoint has it. On CPU, SGLang pads `intermediate_size` (and head counts that
+    do not split) over the TP ranks for its CPU kernels and keeps the checkpoint's value as `original_*`; the
+    drafter is built at the checkpoint's sizes (exact, and what a GPU server builds), and head counts must
+    split as they are (`parallel.check_tensor_parallel`)."""
+    originals = {"intermediate_size": "original_intermediate_size",
+                 "num_attention_heads": "original_num_attention_heads",
+                 "num_key_value_heads": "original_total_num_kv_heads"}
+    return {**raw, **{k: raw[o] for k, o in originals.items() if raw.get(o) is not None}}
+
 
 class DFlashDraftModel(nn.Module):
     """SGLang entry class for z-lab DFlash drafter checkpoints."""
@@ -35,7 +49,7 @@ class DFlashDraftModel(nn.Module):
 
         if quant_config is not None:
             raise ValueError(f"DFlash drafter: quantization {quant_config!r} is not supported; load it unquantized")
-        self.cfg = DFlashConfig.from_dict(config.to_dict())
+        self.cfg = DFlashConfig.from_dict(checkpoint_config(config.to_dict()))
         self.config = config
         linears = ShardedLinears()
         check_tensor_parallel(self.cfg, linears.tp_size)
@@ -48,6 +62,11 @@ class DFlashDraftModel(nn.Module):
             for i in range(c.num_hidden_layers)
         )
         self._stacked: tuple | None = None  # stacked_kv() cache; not parameters, so never loaded or saved
+        if linears.tp_size > 1:
+            logger.info("sglang-dflash: drafter sharded over %d tensor-parallel ranks: this rank (%d) holds %d of %d "
+                        "attention heads, %d of %d KV heads, %d of %d MLP channels", linears.tp_size, linears.tp_rank,
+                        attn0.nh, c.num_attention_heads, attn0.nkv, c.num_key_value_heads,
+                        self.drafter.layers[0].mlp.gate_proj.weight.shape[0], c.intermediate_size)
 
     # -- the target's frozen embedding and lm_head (the drafter has neither) ---------------------
     def attach_target(self, target_model: nn.Module) -> None:
