@@ -133,3 +133,23 @@ class TestRandomPair:
         n = 1200
         accepted = check_first_two_tokens(server, target, vocab=self.V, n=n)
         assert accepted > n // 10, f"only {accepted} drafts accepted in {n} requests"
+
+
+@pytest.mark.slow
+def test_one_kv_head_replicated_on_both_ranks(tmp_path):
+    """A drafter with 1 KV head over 2 ranks: each rank keeps the whole head (as SGLang's QKVParallelLinear
+    replicates KV heads) beside its 2 of 4 query heads; greedy output equal to the target alone."""
+    target = make_target(vocab=64, heads=4, kv_heads=2, layers=3, seed=11)
+    drafter = make_drafter(target, layers=1, block_size=4, layer_ids=(0, 1), mask_token_id=63, kv_heads=1)
+    target.save_pretrained(tmp_path / "target")
+    drafter.save_pretrained(tmp_path / "draft")
+    prompts = [[(7 * i + 3 * j) % 60 + 2 for j in range(3 + (i * 5) % 29)] for i in range(8)]
+    want = generate(target, None, prompts, 16)
+    server = Server(tmp_path / "target", tmp_path / "draft", *TP2, env=TP_ENV).wait_ready()
+    try:
+        got = server.generate_many(prompts, 16, concurrency=4, ignore_eos=True)
+        _assert_sharded(server, "2 of 4 attention heads, 1 of 1 KV heads")
+    finally:
+        server.stop()
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g["output_ids"] == w.output_ids, f"prompt {i}"
