@@ -65,18 +65,5 @@ def tiny_pair_models(tiny_pair):
     return load_pair(*tiny_pair)
 
 
-def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (minutes each)")
-
-
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes minutes; skipped unless --runslow")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    config.addinivalue_line("markers", "slow: minutes; scripts/test.sh leaves it out (-m 'not slow'); run: -m slow")

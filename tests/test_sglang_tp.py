@@ -7,9 +7,9 @@ test_sglang_pairs.py) and, on the bundled target, SGLang's own TP 2 server witho
 (`test_plain_tp2_equals_reference`). One server at a time (a class-scoped fixture each); the strict idle
 KV-leak check is on in every server.
 
-A TP 2 server takes 50-90 s to start on this 2-core machine, so the default run is the bundled pair alone
-(about 2.5 minutes); the random pair and the plain TP 2 server are marked slow (run with --runslow, about
-4 more minutes each)."""
+A TP 2 server takes 45-90 s to start on this 2-core machine, so the default run (`scripts/test.sh`: -m "not
+slow") is the bundled pair alone (82 s when the machine was otherwise idle); the random pairs and the plain
+TP 2 server are marked slow (`-m slow`; 2-5 minutes each, depending on what else runs)."""
 
 from __future__ import annotations
 
