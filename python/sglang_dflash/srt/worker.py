@@ -44,9 +44,8 @@ VERIFIED_ATTENTION_BACKENDS = ("torch_native", "triton")
 class DFlashWorker(BaseSpecWorker):
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker: TpModelWorker) -> None:
         super().__init__()
-        from sglang.srt.distributed import get_tp_group
         from sglang.srt.layers.moe.utils import draft_model_build_scope
-        from sglang.srt.runtime_context import get_spec
+        from sglang.srt.runtime_context import get_parallel, get_spec
         from sglang.srt.speculative.draft_parallel import model_draft_parallel_spec, resolve_draft_parallel_layout
         from sglang.srt.speculative.spec_utils import draft_pp_context, draft_tp_context
 
@@ -85,7 +84,7 @@ class DFlashWorker(BaseSpecWorker):
         check_target_model(self.target_model)
         self.draft_model.attach_target(self.target_model)
         self.write_context = ContextWriter(self.draft_model, self.draft_runner)
-        self.rank_sync = RankSync(get_tp_group())  # rank 0's drafts and acceptance on every TP rank
+        self.rank_sync = RankSync(get_parallel().tp_group)  # rank 0's drafts and acceptance on every TP rank
         self.buffers: stages.StepBuffers | None = None
         self.mask_token_id = self.draft_model.cfg.mask_token_id
         self.timer = StepTimer(envs.timing_enabled(), self.device)
