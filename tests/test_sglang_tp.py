@@ -8,8 +8,9 @@ test_sglang_pairs.py) and, on the bundled target, SGLang's own TP 2 server witho
 KV-leak check is on in every server.
 
 A TP 2 server takes 45-90 s to start on this 2-core machine, so the default run (`scripts/test.sh`: -m "not
-slow") is the bundled pair alone (82 s when the machine was otherwise idle); the random pairs and the plain
-TP 2 server are marked slow (`-m slow`; 2-5 minutes each, depending on what else runs)."""
+slow") is the bundled pair alone (82 s when the machine was otherwise idle); the random pairs, the plain
+TP 2 server and the overlap scheduler are marked slow (`-m slow`; 2-5 minutes each, depending on what else
+runs)."""
 
 from __future__ import annotations
 
@@ -153,3 +154,22 @@ def test_one_kv_head_replicated_on_both_ranks(tmp_path):
         server.stop()
     for i, (g, w) in enumerate(zip(got, want)):
         assert g["output_ids"] == w.output_ids, f"prompt {i}"
+
+
+@pytest.mark.slow
+def test_overlap_scheduler_tp2(tiny_pair, tiny_pair_models):
+    """SGLang's overlap scheduler (SGLANG_ENABLE_DFLASH_SPEC_V2=1) at TP 2: both ranks take the overlap branch and
+    greedy output equals the target alone at concurrency 1 and 6."""
+    prompts = heldout_prompts()[:12]
+    want = generate(tiny_pair_models[0], None, prompts, MAX_NEW, stop_ids=frozenset())
+    s = Server(*tiny_pair, *TP2, env={**TP_ENV, "SGLANG_ENABLE_DFLASH_SPEC_V2": "1"}).wait_ready()
+    try:
+        runs = [s.generate_many(prompts, MAX_NEW, concurrency=c, ignore_eos=True) for c in (1, 6)]
+        log = s.log()
+    finally:
+        s.stop()
+    for rank in (0, 1):
+        assert f"TP{rank}] sglang-dflash: the scheduler overlaps steps" in log
+    for got in runs:
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g["output_ids"] == w.output_ids, f"prompt {i}"
