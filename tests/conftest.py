@@ -63,3 +63,7 @@ def tiny_pair_models(tiny_pair):
     from sglang_dflash.reference import load_pair
 
     return load_pair(*tiny_pair)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes; scripts/test.sh leaves it out (-m 'not slow'); run: -m slow")

@@ -39,7 +39,10 @@ def _model(bias: bool):
                        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
                        max_position_embeddings=512, block_size=4, target_layer_ids=(0, 1), mask_token_id=5,
                        num_target_layers=4, vocab_size=50, attention_bias=bias)
-    model = DFlashDraftModel(types.SimpleNamespace(to_dict=cfg.to_dict))
+    from sglang.srt.runtime_context import get_parallel
+
+    with get_parallel().override(tp_rank=0, tp_size=1):  # outside a server: one rank, as SGLang would state it
+        model = DFlashDraftModel(types.SimpleNamespace(to_dict=cfg.to_dict))
     torch.manual_seed(3)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)

@@ -14,6 +14,7 @@ STEP_MODULES = [
     "python/sglang_dflash/srt/worker.py",
     "python/sglang_dflash/srt/stages.py",
     "python/sglang_dflash/srt/context.py",
+    "python/sglang_dflash/srt/parallel.py",
     "python/sglang_dflash/srt/draft_health.py",
     "python/sglang_dflash/drafter.py",
     "python/sglang_dflash/srt/spec_inputs.py",

@@ -93,15 +93,33 @@ def sdpa_over_context(ctx_k: torch.Tensor, ctx_v: torch.Tensor, mask: torch.Tens
     return attend
 
 
+class Linears:
+    """How a drafter builds its projections: plain `nn.Linear` on one device (this class). SGLang's drafter
+    passes tensor-parallel ones (`srt/parallel.ShardedLinears`): `heads` keeps this rank's heads of a
+    projection (column-parallel), `column` this rank's share of the output features, `row` takes this
+    rank's share of the input features and sums the ranks' partial outputs. Parameter names stay z-lab's."""
+
+    def heads(self, in_features: int, num_heads: int, head_dim: int, bias: bool) -> tuple[nn.Module, int]:
+        """-> a projection [..., in] -> [..., local heads * head_dim], and the number of local heads."""
+        return nn.Linear(in_features, num_heads * head_dim, bias=bias), num_heads
+
+    def column(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+
 class DrafterAttention(nn.Module):
-    def __init__(self, cfg: DFlashConfig, rotary: Rotary) -> None:
+    def __init__(self, cfg: DFlashConfig, rotary: Rotary, linears: Linears) -> None:
         super().__init__()
-        H, hd = cfg.hidden_size, cfg.head_dim
-        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, hd
-        self.q_proj = nn.Linear(H, self.nh * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(H, self.nkv * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(H, self.nkv * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.nh * hd, H, bias=cfg.attention_bias)
+        H, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
+        self.hd = hd
+        # nh / nkv: the heads this module computes (all of them unless `linears` shards them)
+        self.q_proj, self.nh = linears.heads(H, cfg.num_attention_heads, hd, bias)
+        self.k_proj, self.nkv = linears.heads(H, cfg.num_key_value_heads, hd, bias)
+        self.v_proj, _ = linears.heads(H, cfg.num_key_value_heads, hd, bias)
+        self.o_proj = linears.row(cfg.num_attention_heads * hd, H, bias)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.rotary = [rotary]  # shared, not a submodule of each layer
@@ -122,21 +140,21 @@ class DrafterAttention(nn.Module):
 
 
 class DrafterMLP(nn.Module):
-    def __init__(self, cfg: DFlashConfig) -> None:
+    def __init__(self, cfg: DFlashConfig, linears: Linears) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = linears.column(cfg.hidden_size, cfg.intermediate_size, False)
+        self.up_proj = linears.column(cfg.hidden_size, cfg.intermediate_size, False)
+        self.down_proj = linears.row(cfg.intermediate_size, cfg.hidden_size, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DrafterLayer(nn.Module):
-    def __init__(self, cfg: DFlashConfig, rotary: Rotary) -> None:
+    def __init__(self, cfg: DFlashConfig, rotary: Rotary, linears: Linears) -> None:
         super().__init__()
-        self.self_attn = DrafterAttention(cfg, rotary)
-        self.mlp = DrafterMLP(cfg)
+        self.self_attn = DrafterAttention(cfg, rotary, linears)
+        self.mlp = DrafterMLP(cfg, linears)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -147,13 +165,16 @@ class DrafterLayer(nn.Module):
 
 
 class DFlashDrafter(nn.Module):
-    """z-lab `DFlashDraftModel`-compatible drafter (same parameter names)."""
+    """z-lab `DFlashDraftModel`-compatible drafter (same parameter names). `linears` builds the layers'
+    projections: plain `nn.Linear` by default; SGLang's drafter shards them over its tensor-parallel ranks
+    (`fc`, the norms and RoPE are replicated)."""
 
-    def __init__(self, cfg: DFlashConfig) -> None:
+    def __init__(self, cfg: DFlashConfig, linears: Linears | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        linears = linears or Linears()
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
-        self.layers = nn.ModuleList(DrafterLayer(cfg, self.rotary) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DrafterLayer(cfg, self.rotary, linears) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.fc = nn.Linear(cfg.num_target_features * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -233,11 +254,14 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
-def load_weights_into(own: dict[str, torch.Tensor], weights: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
+def load_weights_into(own: dict[str, torch.Tensor], weights: Iterable[tuple[str, torch.Tensor]], where: str,
+                      copy: Callable[[str, torch.Tensor], None] | None = None) -> None:
     """Copy checkpoint tensors into a drafter's state (`DFlashDrafter.state_dict()`): every tensor present with
     its shape (else ValueError); tensors the drafter does not use are skipped with a warning naming them (z-lab
     checkpoints may carry extras). A `model.` prefix is removed. `weights` may read files lazily
-    (SGLang's loader does): a read error names the checkpoint. The one weight check of both drafters."""
+    (SGLang's loader does): a read error names the checkpoint. The one weight check of both drafters.
+    `copy(name, tensor)` replaces the plain copy into `own[name]`: a tensor-parallel drafter passes `own` with
+    the full (checkpoint) shapes and a copy that keeps its rank's share (`srt/models/draft_model.py`)."""
     seen: set[str] = set()
     unexpected: list[str] = []
     it = iter(weights)
@@ -256,7 +280,10 @@ def load_weights_into(own: dict[str, torch.Tensor], weights: Iterable[tuple[str,
             raise ValueError(f"DFlash drafter {where!r}: tensor {name} has shape {tuple(tensor.shape)}, "
                              f"expected {tuple(own[name].shape)}")
         with torch.no_grad():
-            own[name].copy_(tensor)
+            if copy is None:
+                own[name].copy_(tensor)
+            else:
+                copy(name, tensor)
         seen.add(name)
     missing = sorted(set(own) - seen)
     if missing:

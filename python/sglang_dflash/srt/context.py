@@ -19,7 +19,8 @@ logger = logging.getLogger("sglang_dflash")
 
 class ContextWriter:
     """target_hidden [n, K*H] at positions [n] -> every drafter layer's context K/V, written into the drafter's
-    pool at the target's slot ids [n].
+    pool at the target's slot ids [n]. Under tensor parallelism each rank writes its own KV heads into its own
+    pool (`target_hidden` and the replicated `fc` are whole on every rank; k_proj / v_proj are the rank's shards).
 
     Fast path (kernel `context_kv`): fc + hidden_norm, ONE matmul for all layers' K/V, then k_norm + RoPE +
     the scatter into every layer's pool in one launch. Pools the kernel cannot address (quantized or
@@ -44,7 +45,8 @@ class ContextWriter:
         pool exists by then; SGLang 0.5.23 allocates its tensors once and never replaces them)."""
         if self._fast is None:
             cfg = self.draft_model.cfg
-            self._pools = self._kernel_pools(self.pool, cfg.num_hidden_layers, (cfg.num_key_value_heads, cfg.head_dim))
+            heads_dim = (self.draft_model.num_local_kv_heads, cfg.head_dim)  # this rank's KV heads under TP
+            self._pools = self._kernel_pools(self.pool, cfg.num_hidden_layers, heads_dim)
             self._fast = self._pools is not None
             logger.info("sglang-dflash: context K/V %s (drafter KV pool %s)",
                         "stacked, kernel context_kv" if self._fast else "per layer", type(self.pool).__name__)
@@ -86,5 +88,5 @@ class ContextWriter:
         for start in range(0, context.shape[0], self.CHUNK_ROWS):
             rows = slice(start, start + self.CHUNK_ROWS)
             kv = torch.nn.functional.linear(context[rows], w, b)
-            kv = kv.view(-1, cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim)
+            kv = kv.view(-1, cfg.num_hidden_layers, 2, model.num_local_kv_heads, cfg.head_dim)
             self.kernel(kv, k_norm, cfg.rms_norm_eps, positions[rows], inv_freq, slots[rows], pools)

@@ -29,6 +29,7 @@ from ..config import check_for_sglang, check_target_model
 from . import logit_rules, stages
 from .context import ContextWriter
 from .draft_health import DraftHealth
+from .parallel import RankSync, refuse_dp_attention
 from .spec_inputs import BlockForwardInput, DFlashDraftInput
 from .timing import StepTimer
 
@@ -44,16 +45,14 @@ class DFlashWorker(BaseSpecWorker):
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker: TpModelWorker) -> None:
         super().__init__()
         from sglang.srt.layers.moe.utils import draft_model_build_scope
-        from sglang.srt.runtime_context import get_spec
+        from sglang.srt.runtime_context import get_parallel, get_spec
         from sglang.srt.speculative.draft_parallel import model_draft_parallel_spec, resolve_draft_parallel_layout
         from sglang.srt.speculative.spec_utils import draft_pp_context, draft_tp_context
 
         if server_args.enable_mixed_chunk:
             raise ValueError("sglang-dflash: --enable-mixed-chunk is not supported (prefill and decode of one batch "
                              "in one forward); start without it")
-        if server_args.tp_size != 1 or server_args.enable_dp_attention:
-            raise ValueError(f"sglang-dflash: tp_size={server_args.tp_size}, enable_dp_attention="
-                             f"{server_args.enable_dp_attention}; only tp_size=1 without DP attention is supported yet")
+        refuse_dp_attention(server_args)
         self.server_args = server_args
         self._target_worker = target_worker
         self.device = target_worker.device
@@ -92,6 +91,7 @@ class DFlashWorker(BaseSpecWorker):
             keep_final_hidden_states(self.target_model)
         self.draft_model.attach_target(self.target_model)
         self.write_context = ContextWriter(self.draft_model, self.draft_runner)
+        self.rank_sync = RankSync(get_parallel().tp_group)  # rank 0's drafts and acceptance on every TP rank
         self.buffers: stages.StepBuffers | None = None
         self.mask_token_id = self.draft_model.cfg.mask_token_id
         self.vocab_size = target_runner.model_config.vocab_size
@@ -225,7 +225,7 @@ class DFlashWorker(BaseSpecWorker):
             if rules is not None:  # each row processed as the plain sampler would at that point of the output
                 rules.verify(logits, verify_ids)
         with timer.stage("accept"):
-            acc = stages.accept(verify_ids, logits, proposal.q, seq_lens, batch.sampling_info)
+            acc = self.rank_sync.accepted(stages.accept(verify_ids, logits, proposal.q, seq_lens, batch.sampling_info))
             if on_publish is not None:  # as soon as the lengths exist, before the commit's work
                 on_publish(acc.new_seq_lens)
         logits_output = LogitsProcessorOutput(next_token_logits=None, hidden_states=None)
@@ -263,8 +263,9 @@ class DFlashWorker(BaseSpecWorker):
         if rules is not None:
             rules.draft(draft_logits)
         proposal = stages.propose(draft_logits, batch.sampling_info)
-        if rules is not None:
+        if rules is not None:  # grammar requests redraw under their grammar, before the ranks agree
             rules.constrain(proposal.drafts, proposal.q, draft_logits)
+        proposal = self.rank_sync.drafts(proposal)
         return proposal, out.can_run_graph
 
     def _verify(self, batch, block, verify_ids):

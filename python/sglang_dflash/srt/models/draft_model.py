@@ -4,12 +4,15 @@ It IS the reference drafter (`sglang_dflash.drafter.DFlashDrafter`: one layer de
 to float rounding), run with a different attention seam: SGLang's `RadixAttention` with
 `AttentionType.ENCODER_ONLY`, so every attention backend attends NON-causally over the request's whole KV
 (context K/V written by the worker's `ContextWriter` + the block's own K/V written by this forward).
+Its projections are SGLang's tensor-parallel layers (`srt/parallel.ShardedLinears`): under `--tp-size N`
+each rank holds and computes its share of the heads and MLP channels (plain linears at N = 1).
 
 Shapes: `num_tokens` = bs * B block tokens in a draft forward, `H` hidden, `K*H` target features.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -18,9 +21,23 @@ from torch import nn
 
 from ...config import DFlashConfig
 from ...drafter import DFlashDrafter, load_weights_into
+from ..parallel import ShardedLinears, check_tensor_parallel, load_shard, vocab_logits
 
 if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+logger = logging.getLogger("sglang_dflash")
+
+
+def checkpoint_config(raw: dict) -> dict:
+    """The drafter config as the checkpoint has it. On CPU, SGLang pads `intermediate_size` (and head counts that
+    do not split) over the TP ranks for its CPU kernels and keeps the checkpoint's value as `original_*`; the
+    drafter is built at the checkpoint's sizes (exact, and what a GPU server builds), and head counts must
+    split as they are (`parallel.check_tensor_parallel`)."""
+    originals = {"intermediate_size": "original_intermediate_size",
+                 "num_attention_heads": "original_num_attention_heads",
+                 "num_key_value_heads": "original_total_num_kv_heads"}
+    return {**raw, **{k: raw[o] for k, o in originals.items() if raw.get(o) is not None}}
 
 
 class DFlashDraftModel(nn.Module):
@@ -32,29 +49,37 @@ class DFlashDraftModel(nn.Module):
 
         if quant_config is not None:
             raise ValueError(f"DFlash drafter: quantization {quant_config!r} is not supported; load it unquantized")
-        self.cfg = DFlashConfig.from_dict(config.to_dict())
+        self.cfg = DFlashConfig.from_dict(checkpoint_config(config.to_dict()))
         self.config = config
-        self.drafter = DFlashDrafter(self.cfg)
-        c = self.cfg
+        linears = ShardedLinears()
+        check_tensor_parallel(self.cfg, linears.tp_size)
+        self.drafter = DFlashDrafter(self.cfg, linears)
+        c, attn0 = self.cfg, self.drafter.layers[0].self_attn
+        self.num_local_kv_heads = attn0.nkv  # this rank's KV heads: its drafter pool's and context writer's
         self.attn = nn.ModuleList(
-            RadixAttention(c.num_attention_heads, c.head_dim, c.head_dim**-0.5, num_kv_heads=c.num_key_value_heads,
+            RadixAttention(attn0.nh, c.head_dim, c.head_dim**-0.5, num_kv_heads=attn0.nkv,
                            layer_id=i, attn_type=AttentionType.ENCODER_ONLY, prefix=f"{prefix}attn.{i}")
             for i in range(c.num_hidden_layers)
         )
         self._stacked: tuple | None = None  # stacked_kv() cache; not parameters, so never loaded or saved
+        if linears.tp_size > 1:
+            logger.info("sglang-dflash: drafter sharded over %d tensor-parallel ranks: this rank (%d) holds %d of %d "
+                        "attention heads, %d of %d KV heads, %d of %d MLP channels", linears.tp_size, linears.tp_rank,
+                        attn0.nh, c.num_attention_heads, attn0.nkv, c.num_key_value_heads,
+                        self.drafter.layers[0].mlp.gate_proj.weight.shape[0], c.intermediate_size)
 
     # -- the target's frozen embedding and lm_head (the drafter has neither) ---------------------
     def attach_target(self, target_model: nn.Module) -> None:
         self._target = [target_model]  # a list: not a submodule, so no weights are loaded or owned
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """drafter hidden [..., H] -> logits [..., V] float32 through the target's lm_head.
+        """drafter hidden [..., H] -> logits [..., V] float32 through the target's lm_head, the whole vocabulary on
+        every rank (`parallel.vocab_logits`: under TP each rank computes its rows, then an all-gather).
 
         SGLang pads the lm_head's rows to a multiple of 64; the padding rows are cut off, as SGLang's own
         LogitsProcessor does, so no draft can name a token outside the vocabulary."""
         target = self._target[0]
-        head = target.lm_head.weight[: target.config.vocab_size]
-        return torch.nn.functional.linear(hidden.to(head.dtype), head).float()
+        return vocab_logits(hidden, target.lm_head, target.config.vocab_size)
 
     # -- context: target hidden states -> drafter K/V (written by the worker) -----------------
     def project(self, target_hidden: torch.Tensor) -> torch.Tensor:
@@ -62,11 +87,13 @@ class DFlashDraftModel(nn.Module):
         return self.drafter.project(target_hidden.to(self.drafter.fc.weight.dtype))
 
     def context_kv(self, context: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """context [n, H], positions [n] -> per layer (k, v) [n, nkv, hd], k normed and rotated."""
+        """context [n, H], positions [n] -> per layer (k, v) [n, nkv, hd] (this rank's KV heads), k normed and
+        rotated."""
         return [(k[0], v[0]) for k, v in self.drafter.context_kv(context[None], positions[None])]
 
     def stacked_kv(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Every layer's k_proj / v_proj as one weight [L*2*nkv*hd, H] (+ bias) and the k_norm weights [L, hd],
+        nkv = this rank's KV heads (the local shards of k_proj / v_proj),
         for kernel `context_kv`. Built on first use (one extra copy of the K/V projections, 52 MB at
         Qwen3-4B-DFlash shapes in bf16) and dropped when weights are (re)loaded."""
         if self._stacked is None:
@@ -101,9 +128,14 @@ class DFlashDraftModel(nn.Module):
 
     # -- weights ---------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Every drafter tensor must be present; extras are skipped with a warning (`drafter.load_weights_into`)."""
+        """Every drafter tensor must be present with its full (unsharded) shape; extras are skipped with a warning
+        (`drafter.load_weights_into`). Each rank keeps its share of the sharded ones (`parallel.load_shard`)."""
         self._stacked = None
-        load_weights_into(self.drafter.state_dict(), weights, getattr(self.config, "_name_or_path", "?"))
+        with torch.device("meta"):  # the checkpoint's shapes, without memory
+            full = DFlashDrafter(self.cfg).state_dict()
+        params = dict(self.drafter.named_parameters())
+        load_weights_into(full, weights, getattr(self.config, "_name_or_path", "?"),
+                          copy=lambda name, tensor: load_shard(params[name], tensor))
 
 
 EntryClass = DFlashDraftModel
