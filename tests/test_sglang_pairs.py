@@ -15,7 +15,9 @@ SHAPES = {  # name: (target kwargs, drafter kwargs, extra server args)
     # KV pages of 4 slots: block slots are reserved in whole pages (reserve_block_slots' paged branch)
     "b8_mha_page4": (dict(heads=4, kv_heads=4, layers=4, seed=12), dict(layers=2, block_size=8, layer_ids=(0, 2)),
                      ("--page-size", "4")),
-    "b16_gqa4": (dict(heads=4, kv_heads=1, layers=3, seed=13), dict(layers=2, block_size=16, layer_ids=(1,)), ()),
+    # a 64-token context (test_generation_up_to_the_context_length)
+    "b16_gqa4": (dict(heads=4, kv_heads=1, layers=3, seed=13), dict(layers=2, block_size=16, layer_ids=(1,)),
+                 ("--context-length", "64")),
 }
 PROMPTS = [[(7 * i + 3 * j) % 60 + 2 for j in range(3 + (i * 5) % 29)] for i in range(20)]
 
@@ -82,7 +84,20 @@ def test_sampling_with_penalties_matches_target_distribution(small_vocab_server)
     """Sampling with all three penalties: the joint of the first three tokens (the third drawn from a verify row
     that must count the accepted draft before it) against the target's penalised probabilities."""
     target, server = small_vocab_server
-    n = 2000
+    n = 1500
     accepted = check_first_tokens(server, target, k=3, n=n, penalties=dict(
         frequency_penalty=0.7, presence_penalty=0.5, repetition_penalty=1.6))
     assert accepted > n // 10, f"only {accepted} drafts accepted in {n} requests"
+
+
+def test_generation_up_to_the_context_length(pairs):
+    """b16_gqa4 serves a 64-token context: a 40-token prompt asking for (nearly) all the rest decodes its last
+    blocks within two blocks of the end of its req_to_token row (SGLang 0.5.23 gives rows context + 4 + B
+    columns); the 2*B block reserve is cut at the row end (without the cut the server died)."""
+    models, servers = pairs
+    target, _ = models["b16_gqa4"]
+    prompt = [(5 * j) % 60 + 2 for j in range(40)]
+    got = servers["b16_gqa4"].generate(prompt, 23, ignore_eos=True)["output_ids"]
+    want = generate(target, None, [prompt], 23)[0].output_ids
+    assert len(got) >= 20 and got == want[: len(got)]
+    assert servers["b16_gqa4"].proc.poll() is None

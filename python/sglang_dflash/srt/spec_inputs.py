@@ -121,6 +121,14 @@ def reserve_block_slots(batch: ScheduleBatch, *, reserve: int) -> None:
     allocator = batch.tree_cache.token_to_kv_pool_allocator
     page_size = allocator.page_size
     cur, nxt, need = page_aligned_decode_alloc_lens(batch.reqs, reserve=reserve, page_size=page_size)
+    # The 2*B reserve can reach past a request's req_to_token row near the context length: SGLang 0.5.23 gives
+    # rows context_len + 4 + B columns at page size 1. A step only writes [L, L + B) with L < context_len,
+    # and under overlap the committed length lags L by less than B, so the row's end is always enough.
+    width = batch.req_to_token_pool.req_to_token.shape[1]
+    cap = width - width % page_size
+    if any(b > cap for b in nxt):
+        nxt = [max(a, min(b, cap)) for a, b in zip(cur, nxt)]
+        need = sum(b - a for a, b in zip(cur, nxt))
     if need > 0:
         req_to_token = batch.req_to_token_pool.req_to_token
         dev = batch.req_pool_indices.device
