@@ -255,3 +255,27 @@ def test_overlap_scheduler_serves_the_same(servers):
                 _values(want["meta_info"]["output_token_logprobs"]), abs=1e-4)
         if b.get("return_hidden_states"):
             assert len(out["meta_info"]["hidden_states"]) == len(want["meta_info"]["hidden_states"])
+
+
+def test_sampling_masks(servers, prompts):
+    """return_sampling_mask (SGLang's own DFLASH refuses non-greedy requests without its CUDA kernel, and min_p
+    everywhere): one mask per output token holding it, greedy masks the token alone, support logprobs a
+    distribution; greedy masks equal SGLang without speculation."""
+    import math
+
+    params = [{"temperature": 0.0, "top_k": 1}, {"temperature": 1.0, "top_k": 10, "top_p": 0.95, "min_p": 0.02}] * 2
+    body = {"input_ids": [prompts[0]] * 4, "return_sampling_mask": True,
+            "sampling_logprobs_mode": ["selected", "selected", "support", "support"],
+            "sampling_params": [{**p, "max_new_tokens": 12, "ignore_eos": True} for p in params]}
+    d, s = _both(servers, body)
+    for i, (out, plain) in enumerate(zip(d, s)):
+        meta = out["meta_info"]
+        masks, logprobs = meta["output_token_sampling_mask"], meta["output_token_sampling_logprobs"]
+        assert len(masks) == len(logprobs) == len(out["output_ids"]) == 12
+        for token, mask, lp in zip(out["output_ids"], masks, logprobs):
+            assert token in mask and len(mask) <= 10
+            if i >= 2:
+                assert len(lp) == len(mask) and abs(sum(math.exp(v) for v in lp) - 1.0) < 1e-4
+        if i % 2 == 0:
+            assert out["output_ids"] == plain["output_ids"]
+            assert masks == [[t] for t in out["output_ids"]]

@@ -32,6 +32,11 @@ process, before SGLang parses its arguments. Each hook says why it exists:
    hands back those layers instead of the final hidden state; with this flag on (SGLang sets it itself for
    its aux-hidden-state capture feature) it also returns the final one, which is what return_hidden_states
    reports without speculation.
+9. Sampling-mask request check (REPLACE `sglang.srt.managers.scheduler.validate_spec_sampling_mask_request`, which
+   the scheduler calls for requests with return_sampling_mask under speculation): SGLang's own DFLASH refuses
+   min_p and, without its CUDA sampling-verify kernel (any CPU), every non-greedy request, because its
+   verify distribution cannot honour them; ours is the sampler's exact one (`stages.sampling_masks`), so
+   DFLASH requests pass (other algorithms keep SGLang's check).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ WORKER_TARGET = "sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2"
 REQUEST_CHECK_TARGET = "sglang.srt.managers.scheduler.validate_dflash_request"
 ARGS_TARGET = "sglang.srt.arg_groups.speculative_hook._handle_dflash"
 KV_WARMUP_TARGET = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._init_kv_copy_and_warmup"
+SAMPLING_MASK_CHECK_TARGET = "sglang.srt.managers.scheduler.validate_spec_sampling_mask_request"
 INPUT_CHECK_TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 
 
@@ -54,6 +60,14 @@ def _admit_input_then(original, manager, obj, input_ids, *args, **kwargs):
         cfg = manager.model_config
         admit_input(obj, input_ids, cfg.vocab_size, cfg.hidden_size)
     return original(manager, obj, input_ids, *args, **kwargs)
+
+
+def _sampling_masks_served(req, spec_algorithm):
+    if spec_algorithm.is_dflash():
+        return None
+    from sglang.srt.speculative.spec_sampling_mask import validate_spec_sampling_mask_request
+
+    return validate_spec_sampling_mask_request(req, spec_algorithm)
 
 
 def keep_final_hidden_states(target_model) -> int:
@@ -103,5 +117,6 @@ def install() -> None:
     HookRegistry.register(ARGS_TARGET, _synchronous_unless_overlap_requested, HookType.AROUND)
     HookRegistry.register(KV_WARMUP_TARGET, _skip_kv_copy_warmup_on_cpu, HookType.AROUND)
     HookRegistry.register(INPUT_CHECK_TARGET, _admit_input_then, HookType.AROUND)
+    HookRegistry.register(SAMPLING_MASK_CHECK_TARGET, _sampling_masks_served, HookType.REPLACE)
     ModelRegistry.register("sglang_dflash.srt.models", overwrite=True, strict=True)
     register_attention_backend("torch_native")(_create_torch_native_backend)

@@ -128,6 +128,7 @@ class Accepted(NamedTuple):
     bonus: torch.Tensor  # [bs] int64
     tokens: torch.Tensor  # [bs, B] int64: d1..d_a, bonus, then padding (the scheduler reads a+1)
     new_seq_lens: torch.Tensor  # [bs] int64: L + a + 1
+    p: torch.Tensor | None = None  # [bs, B, V] float32: the target distributions of a sampled step (else None)
 
 
 def accept(verify_ids: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Tensor | None, seq_lens: torch.Tensor,
@@ -144,7 +145,20 @@ def accept(verify_ids: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Te
     sample = dflash_kernels.get("sample_accept", logits.device)  # rejection sampling with the real q
     accept_len, bonus = sample(verify_ids, draft_probs, p, uniforms, exponentials)
     tokens = committed_tokens(verify_ids[:, 1:], accept_len, bonus)  # the layout greedy_accept writes
-    return Accepted(accept_len, bonus, tokens, seq_lens.long() + accept_len + 1)
+    return Accepted(accept_len, bonus, tokens, seq_lens.long() + accept_len + 1, p)
+
+
+def sampling_masks(sampling_info, acc: Accepted):
+    """return_sampling_mask rows for the committed tokens: the support of the distribution each was drawn from
+    (top-k / top-p / min-p applied jointly, after penalties and grammar: `acc.p`) and its logprobs; a greedy
+    step's support is the token itself. Built by SGLang's own `SpeculativeSamplingMaskCapture` from our p."""
+    from sglang.srt.speculative.spec_sampling_mask import SpeculativeSamplingMaskCapture
+
+    capture = SpeculativeSamplingMaskCapture(
+        target_probs=acc.p, batch_indices=sampling_info.sampling_mask_batch_indices,
+        max_top_k=max(sampling_info.sampling_mask_top_ks),
+        support_capture_indices=sampling_info.sampling_support_logprobs_capture_indices)
+    return capture.build_output(out_tokens=acc.tokens, commit_lens=acc.accept_len + 1)
 
 
 def returned_hidden_states(batch, logits_output, server_mode) -> torch.Tensor | None:

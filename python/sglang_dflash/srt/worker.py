@@ -233,6 +233,8 @@ class DFlashWorker(BaseSpecWorker):
             logits_output.hidden_states = self._final_hidden  # [bs*B, H]: row j <-> committed token j
         if batch.return_logprob:  # from the same processed verify rows the tokens were accepted under
             stages.spec_logprobs(batch, logits_output, logits, acc.tokens)
+        if batch.sampling_info.sampling_mask_batch_indices is not None:  # return_sampling_mask
+            logits_output.sampling_mask_output = stages.sampling_masks(batch.sampling_info, acc)
         with timer.stage("commit"):
             if rules is not None:
                 rules.commit(acc.tokens, acc.accept_len)
