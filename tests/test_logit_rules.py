@@ -102,7 +102,7 @@ def test_requests_with_penalties_are_served(field, value):
     assert unsupported_reason(req) is None
 
 
-def test_return_hidden_states_refused_naming_it():
+def test_return_hidden_states_served():
     req = _req()
     req.return_hidden_states = True
-    assert "return_hidden_states" in unsupported_reason(req)
+    assert unsupported_reason(req) is None
