@@ -10,14 +10,18 @@ import torch
 from sglang_dflash.sampling import SamplingParams, probs_for
 
 
-def _penalise(logits, output, penalties):
-    """SGLang's penalty rule at one sampling point: additive (frequency, presence) then scaling (repetition)."""
+def penalised(logits, output, penalties=None, stop_ids=()):
+    """SGLang's penalty rule at one sampling point, written out plainly (the oracle for `srt/logit_rules.py`):
+    additive (frequency per occurrence, presence once, min_new_tokens holding back `stop_ids` while the output
+    is shorter) then scaling (repetition), on the logits [..., V] of the token after `output`."""
     if not penalties:
         return logits
     c = torch.zeros_like(logits)
     for t in output:
         c[..., t] += 1
     x = logits - penalties.get("frequency_penalty", 0.0) * c - penalties.get("presence_penalty", 0.0) * (c > 0).float()
+    if len(output) < penalties.get("min_new_tokens", 0):
+        x[..., list(stop_ids)] = float("-inf")
     scale = torch.where(c > 0, torch.tensor(penalties.get("repetition_penalty", 1.0)), torch.tensor(1.0))
     return torch.where(x < 0, x * scale, x / scale)
 
@@ -39,7 +43,7 @@ def check_first_tokens(server, target, *, k: int = 2, vocab: int = 8, prompt=(1,
             return
         with torch.no_grad():
             logits = target(torch.tensor([prompt + prefix])).logits[0, -1:]
-        p = probs_for(_penalise(logits, prefix, penalties), params)[0]
+        p = probs_for(penalised(logits, prefix, penalties), params)[0]
         for t in range(vocab):
             if p[t] > 0:
                 walk(prefix + [t], prob * float(p[t]))

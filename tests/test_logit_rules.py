@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from sampling_check import penalised
 from sglang_dflash.srt import logit_rules
 from sglang_dflash.srt.requests import unsupported_reason
 
@@ -24,18 +25,6 @@ def _req(output_ids=(), **sp):
     return _Req(sampling_params=types.SimpleNamespace(**params), output_ids=list(output_ids),
                                  eos_token_ids={3}, tokenizer=tok,
                 return_hidden_states=False)
-
-
-def _one_row(logits, output, sp):
-    """SGLang's rule for one sampling point: additive (frequency, presence, min_new_tokens) then scaling."""
-    c = torch.zeros_like(logits)
-    for t in output:
-        c[t] += 1
-    x = logits - sp.frequency_penalty * c - sp.presence_penalty * (c > 0).float()
-    if len(output) < sp.min_new_tokens:
-        x[[2, 3]] = float("-inf")
-    scale = torch.where(c > 0, torch.tensor(sp.repetition_penalty), torch.tensor(1.0))
-    return torch.where(x < 0, x * scale, x / scale)
 
 
 def test_each_verify_row_counts_the_drafts_before_it():
@@ -55,7 +44,7 @@ def test_each_verify_row_counts_the_drafts_before_it():
         for j in range(B):
             if logit_rules.needs_penalty(r.sampling_params):
                 output = r.output_ids + [int(first[i])] + verify_ids[i, 1:j + 1].tolist()
-                want[i, j] = _one_row(want[i, j], output, r.sampling_params)
+                want[i, j] = penalised(want[i, j], output, vars(r.sampling_params), stop_ids=(2, 3))
     assert torch.equal(logits.isinf(), want.isinf())
     torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
     assert torch.isinf(logits[0, :2, 2]).all() and torch.isfinite(logits[0, 2:, 2]).all()  # min_new_tokens 6

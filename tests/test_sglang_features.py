@@ -87,22 +87,17 @@ def test_greedy_with_penalties_equals_no_speculation(servers, prompts):
     assert sum(g["meta_info"]["spec_num_correct_drafts"] for g in got) > len(bodies)  # in-block rows exercised
 
 
-def _penalised_reference(target, prompt, out, f, pres, rep):
-    """log p(out[k] | prompt + out[:k]) under SGLang's penalty rule, additive (frequency, presence) then scaling
-    (repetition), on the reference target."""
+def _penalised_reference(target, prompt, out, penalties):
+    """log p(out[k] | prompt + out[:k]) under SGLang's penalty rule (`sampling_check.penalised`: additive, then
+    scaling) on the reference target."""
     import torch
+    from sampling_check import penalised
 
     got = []
     for k in range(len(out)):
         with torch.no_grad():
             logits = target(torch.tensor([prompt + out[:k]])).logits[0, -1].float()
-        c = torch.zeros_like(logits)
-        for t in out[:k]:
-            c[t] += 1
-        logits = logits - f * c - pres * (c > 0).float()
-        scale = torch.where(c > 0, torch.tensor(rep), torch.tensor(1.0))
-        logits = torch.where(logits < 0, logits * scale, logits / scale)
-        got.append(torch.log_softmax(logits, -1)[out[k]].item())
+        got.append(torch.log_softmax(penalised(logits, out[:k], penalties), -1)[out[k]].item())
     return got
 
 
@@ -114,14 +109,13 @@ def test_repetition_with_additive_penalties_exact(servers, prompts, tiny_pair_mo
     and check every logprob against that rule computed on the reference target."""
     dflash = servers[0]
     target, _ = tiny_pair_models
-    f, pres, rep = 0.3, 0.2, 1.3
+    penalties = {"frequency_penalty": 0.3, "presence_penalty": 0.2, "repetition_penalty": 1.3}
     for p in prompts[:1]:
-        body = {"input_ids": p, "return_logprob": True, "sampling_params": {
-            "max_new_tokens": 30, "temperature": 0, "frequency_penalty": f, "presence_penalty": pres,
-            "repetition_penalty": rep}}
+        body = {"input_ids": p, "return_logprob": True,
+                "sampling_params": {"max_new_tokens": 30, "temperature": 0, **penalties}}
         status, out = dflash.post("/generate", body)
         assert status == 200, out
-        want = _penalised_reference(target, p, out["output_ids"], f, pres, rep)
+        want = _penalised_reference(target, p, out["output_ids"], penalties)
         assert _values(out["meta_info"]["output_token_logprobs"]) == pytest.approx(want, abs=2e-4)
         assert out["meta_info"]["spec_num_correct_drafts"] > 0
 
@@ -205,6 +199,57 @@ def test_sampled_constrained_output_obeys_the_grammar(servers, prompts):
             obj = json.loads(out["text"])
             assert set(obj) == {"name", "n"} and isinstance(obj["n"], int)
     assert accepted > 0
+
+
+def test_sampled_grammar_matches_the_masked_target_distribution(servers, prompts, tiny_pair, tiny_pair_models):
+    """Sampling under a regex (temperature 1, top-k 6): the joint of the first three tokens against the target's
+    probabilities with xgrammar's mask applied at each point, chi-square. The second and third come from drafts
+    redrawn from q restricted to the grammar and accepted by rejection sampling."""
+    import torch
+    import xgrammar as xgr
+    from scipy.stats import chisquare
+    from sglang_dflash.sampling import SamplingParams, probs_for
+    from transformers import AutoTokenizer
+
+    dflash = servers[0]
+    target, _ = tiny_pair_models
+    V, k, n, prompt = target.config.vocab_size, 3, 1200, prompts[2]
+    tok = AutoTokenizer.from_pretrained(str(tiny_pair[0]))
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=V)).compile_regex(
+        GRAMMARS["regex"]["regex"])
+    matcher, mask = xgr.GrammarMatcher(compiled), xgr.allocate_token_bitmask(1, V)
+    params, joint = SamplingParams(temperature=1.0, top_k=6), {}
+
+    def walk(prefix, prob):
+        if len(prefix) == k:
+            joint[tuple(prefix)] = prob
+            return
+        with torch.no_grad():
+            logits = target(torch.tensor([prompt + prefix])).logits[0, -1:].float()
+        matcher.fill_next_token_bitmask(mask, 0)
+        xgr.apply_token_bitmask_inplace(logits, mask)
+        p = probs_for(logits, params)[0]
+        for t in p.nonzero().flatten().tolist():
+            assert matcher.accept_token(t)
+            walk(prefix + [t], prob * float(p[t]))
+            matcher.rollback(1)
+
+    walk([], 1.0)
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": k, "temperature": 1.0, "top_k": 6,
+                                                     **GRAMMARS["regex"]}}
+    outs = _many(dflash, [body] * n, concurrency=16)
+    counts = {}
+    for o in outs:
+        key = tuple(o["output_ids"][:k])
+        assert key in joint, f"sampled {key}, which the grammar or top-k rules out"
+        counts[key] = counts.get(key, 0) + 1
+    big = [c for c in joint if joint[c] * n >= 5]
+    obs = [counts.get(c, 0) for c in big] + [n - sum(counts.get(c, 0) for c in big)]
+    exp = [joint[c] * n for c in big] + [n - sum(joint[c] * n for c in big)]
+    if exp[-1] < 1e-9:
+        obs, exp = obs[:-1], exp[:-1]
+    assert len(big) > 1 and chisquare(obs, exp).pvalue > 1e-3, list(zip(big, obs, exp))[:20]
+    assert sum(o["meta_info"]["spec_num_correct_drafts"] for o in outs) > n // 10
 
 
 def _flat_rows(hidden):

@@ -32,7 +32,7 @@ process, before SGLang parses its arguments. Each hook says why it exists:
    hands back those layers instead of the final hidden state; with this flag on (SGLang sets it itself for
    its aux-hidden-state capture feature) it also returns the final one, which is what return_hidden_states
    reports without speculation.
-9. Sampling-mask request check (REPLACE `sglang.srt.managers.scheduler.validate_spec_sampling_mask_request`, which
+9. Sampling-mask request check (AROUND `sglang.srt.managers.scheduler.validate_spec_sampling_mask_request`, which
    the scheduler calls for requests with return_sampling_mask under speculation): SGLang's own DFLASH refuses
    min_p and, without its CUDA sampling-verify kernel (any CPU), every non-greedy request, because its
    verify distribution cannot honour them; ours is the sampler's exact one (`stages.sampling_masks`), so
@@ -62,12 +62,10 @@ def _admit_input_then(original, manager, obj, input_ids, *args, **kwargs):
     return original(manager, obj, input_ids, *args, **kwargs)
 
 
-def _sampling_masks_served(req, spec_algorithm):
+def _sampling_masks_served(original, req, spec_algorithm, *args, **kwargs):
     if spec_algorithm.is_dflash():
         return None
-    from sglang.srt.speculative.spec_sampling_mask import validate_spec_sampling_mask_request
-
-    return validate_spec_sampling_mask_request(req, spec_algorithm)
+    return original(req, spec_algorithm, *args, **kwargs)
 
 
 def keep_final_hidden_states(target_model) -> int:
@@ -117,6 +115,6 @@ def install() -> None:
     HookRegistry.register(ARGS_TARGET, _synchronous_unless_overlap_requested, HookType.AROUND)
     HookRegistry.register(KV_WARMUP_TARGET, _skip_kv_copy_warmup_on_cpu, HookType.AROUND)
     HookRegistry.register(INPUT_CHECK_TARGET, _admit_input_then, HookType.AROUND)
-    HookRegistry.register(SAMPLING_MASK_CHECK_TARGET, _sampling_masks_served, HookType.REPLACE)
+    HookRegistry.register(SAMPLING_MASK_CHECK_TARGET, _sampling_masks_served, HookType.AROUND)
     ModelRegistry.register("sglang_dflash.srt.models", overwrite=True, strict=True)
     register_attention_backend("torch_native")(_create_torch_native_backend)

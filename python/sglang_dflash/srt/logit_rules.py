@@ -144,15 +144,12 @@ def apply_penalties(logits: torch.Tensor, pen: _Penalties, block_drafts: torch.T
 
 
 def commit(reqs, tokens: torch.Tensor, accept_len: torch.Tensor) -> None:
-    """Advance the penalty counts of penalised requests by what the step committed: tokens [bs, B] of which
-    the first accept_len + 1 (drafts kept, then the bonus) count. On the device, no host sync."""
-    picked = [(i, r) for i, r in enumerate(reqs) if r in _counts]
-    if not picked:
-        return
+    """Advance the state of penalised requests `reqs` by what the step committed: tokens [n, B] of which the
+    first accept_len + 1 (drafts kept, then the bonus) count. On the device, no host sync."""
     B = tokens.shape[1]
-    for i, req in picked:
-        keep = (torch.arange(B, device=tokens.device) <= accept_len[i]).to(torch.float32)
-        _tally(req, tokens[i].long(), keep, _counts[req])
+    keep = (torch.arange(B, device=tokens.device)[None, :] <= accept_len[:, None]).to(torch.float32)
+    for i, req in enumerate(reqs):
+        _tally(req, tokens[i].long(), keep[i], _counts[req])
 
 
 # -- grammar --------------------------------------------------------------------------------------

@@ -149,16 +149,29 @@ def accept(verify_ids: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Te
 
 
 def sampling_masks(sampling_info, acc: Accepted):
-    """return_sampling_mask rows for the committed tokens: the support of the distribution each was drawn from
-    (top-k / top-p / min-p applied jointly, after penalties and grammar: `acc.p`) and its logprobs; a greedy
-    step's support is the token itself. Built by SGLang's own `SpeculativeSamplingMaskCapture` from our p."""
-    from sglang.srt.speculative.spec_sampling_mask import SpeculativeSamplingMaskCapture
+    """return_sampling_mask rows (SGLang's `SamplingMaskOutput`) for the committed tokens of the requests that
+    ask: the support of the distribution each token was drawn from (`acc.p`: top-k, top-p and min-p applied
+    jointly, after penalties and grammar), at most the largest asked top_k ids per token, and the logprobs of
+    the token and of the support; a greedy step (p None) has the token itself as its support, logprob 0."""
+    from sglang.srt.layers.logits_processor import SamplingMaskOutput, SamplingMaskStatus
 
-    capture = SpeculativeSamplingMaskCapture(
-        target_probs=acc.p, batch_indices=sampling_info.sampling_mask_batch_indices,
-        max_top_k=max(sampling_info.sampling_mask_top_ks),
-        support_capture_indices=sampling_info.sampling_support_logprobs_capture_indices)
-    return capture.build_output(out_tokens=acc.tokens, commit_lens=acc.accept_len + 1)
+    rows = sampling_info.sampling_mask_batch_indices
+    tokens = acc.tokens.index_select(0, rows)  # [n, B]
+    support_rows = sampling_info.sampling_support_logprobs_capture_indices  # rows of `tokens` wanting support
+    if acc.p is None:
+        ids, lengths = tokens[..., None].to(torch.int32), torch.ones_like(tokens, dtype=torch.int32)
+        selected = torch.zeros_like(tokens, dtype=torch.float32)
+        support = None if support_rows is None else selected.index_select(0, support_rows)[..., None]
+    else:
+        p = acc.p.index_select(0, rows)  # [n, B, V]
+        probs, ids = p.topk(min(max(sampling_info.sampling_mask_top_ks), p.shape[-1]), dim=-1)
+        ids, lengths = ids.to(torch.int32), (probs > 0).sum(dim=-1, dtype=torch.int32)
+        selected = p.gather(-1, tokens[..., None]).squeeze(-1).log()
+        support = None if support_rows is None else probs.index_select(0, support_rows).log()
+    statuses = torch.where(torch.isfinite(selected), int(SamplingMaskStatus.OK), int(SamplingMaskStatus.INVALID))
+    return SamplingMaskOutput(token_ids=ids, lengths=lengths, selected_logprobs=selected, support_logprobs=support,
+                              statuses=statuses.to(torch.int8),
+                              num_accept_tokens=(acc.accept_len + 1).index_select(0, rows))
 
 
 def returned_hidden_states(batch, logits_output, server_mode) -> torch.Tensor | None:
