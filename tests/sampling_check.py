@@ -26,13 +26,30 @@ def penalised(logits, output, penalties=None, stop_ids=()):
     return torch.where(x < 0, x * scale, x / scale)
 
 
+def assert_joint(outs, joint: dict, k: int) -> None:
+    """The first k tokens of the server's answers `outs` against the exact joint probabilities `joint`
+    {sequence: p}: none outside its support, and chi-square p-value > 1e-3 (cells expected under 5 pooled)."""
+    from scipy.stats import chisquare
+
+    n, counts = len(outs), {}
+    for o in outs:
+        key = tuple(o["output_ids"][:k])
+        assert key in joint, f"sampled {key}, a sequence of probability 0"
+        counts[key] = counts.get(key, 0) + 1
+    big = [c for c in joint if joint[c] * n >= 5]
+    assert len(big) > 1, "too few likely sequences for the test to mean anything"
+    obs = [counts.get(c, 0) for c in big] + [n - sum(counts.get(c, 0) for c in big)]
+    exp = [joint[c] * n for c in big] + [n - sum(joint[c] * n for c in big)]
+    if exp[-1] < 1e-9:
+        obs, exp = obs[:-1], exp[:-1]
+    assert chisquare(obs, exp).pvalue > 1e-3, list(itertools.islice(zip(big, obs, exp), 20))
+
+
 def check_first_tokens(server, target, *, k: int = 2, vocab: int = 8, prompt=(1, 2, 3), n: int = 1200,
                        penalties: dict | None = None) -> int:
     """Sample `n` requests of k + 1 tokens; assert no zero-probability sequence and a chi-square p-value > 1e-3
     against the target's exact joint of the first k tokens (cells expected under 5 pooled). -> drafts accepted
     in all (the caller decides if that is enough)."""
-    from scipy.stats import chisquare
-
     prompt = list(prompt)
     params = SamplingParams(temperature=1.0, top_k=6)
     joint = {}
@@ -51,17 +68,7 @@ def check_first_tokens(server, target, *, k: int = 2, vocab: int = 8, prompt=(1,
     walk([], 1.0)
     outs = server.generate_many([prompt] * n, k + 1, concurrency=16, temperature=1.0, top_k=6, ignore_eos=True,
                                 **(penalties or {}))
-    counts = {}
-    for o in outs:
-        key = tuple(o["output_ids"][:k])
-        assert key in joint, f"sampled {key}, a sequence of probability 0"
-        counts[key] = counts.get(key, 0) + 1
-    big = [c for c in joint if joint[c] * n >= 5]
-    obs = [counts.get(c, 0) for c in big] + [n - sum(counts.get(c, 0) for c in big)]
-    exp = [joint[c] * n for c in big] + [n - sum(joint[c] * n for c in big)]
-    if exp[-1] < 1e-9:
-        obs, exp = obs[:-1], exp[:-1]
-    assert chisquare(obs, exp).pvalue > 1e-3, list(itertools.islice(zip(big, obs, exp), 20))
+    assert_joint(outs, joint, k)
     return sum(o["meta_info"]["spec_num_correct_drafts"] for o in outs)
 
 
