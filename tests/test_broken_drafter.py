@@ -3,7 +3,8 @@
 Unit level: `stages.propose` on NaN / inf / all-equal drafter logits gives valid drafts and a q they were
 really drawn from; `DraftHealth` warns once per request. End to end: copies of the bundled drafter with NaN
 in one layer and with weights scaled until the logits overflow, served next to each other: greedy output
-equal to the target alone, sampled requests served, the server alive, one warning per request; and on a
+equal to the target alone, sampled requests served, the server alive, one warning per request that met the
+drafter, and the NaN drafter's server (widths chosen adaptively) settled on plain decode; and on a
 tiny vocabulary, the sampled output's distribution is still the target's (chi-square)."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sglang_dflash.assets import heldout_prompts
 from sglang_dflash.reference import generate
 from sglang_dflash.srt.draft_health import DraftHealth
 from sglang_dflash.srt.stages import propose
-from sglang_server import Server, start_all
+from sglang_server import Server, start_all, verify_width_counts
 
 
 def _sampling_info(bs, temperature=1.0, top_k=5, top_p=1.0, min_p=0.0, greedy=False):
@@ -107,7 +108,10 @@ def broken(tiny_pair, tmp_path_factory):
     small.save_pretrained(root / "small_target")
     make_drafter(small, block_size=4, mask_token_id=V - 1, seed=6).save_pretrained(root / "small_draft_ok")
     small_nan = _corrupt_copy(root / "small_draft_ok", root / "small_draft_nan", _nan_in_layer_0)
-    servers = {"nan": Server(target, nan), "overflow": Server(target, over),
+    # the NaN drafter's server chooses its verify widths (the default): it should settle on plain decode (width
+    # 1); the overflowing one drafts the full block every step (so every request meets the drafter)
+    servers = {"nan": Server(target, nan, "--enable-metrics"),
+               "overflow": Server(target, over, env={"SGLANG_DFLASH_ADAPTIVE": "0"}),
                "small": Server(root / "small_target", small_nan, "--skip-tokenizer-init")}
     start_all(*servers.values())
     yield servers, small
@@ -129,7 +133,12 @@ def test_greedy_unchanged_sampling_served_and_warned(broken, tiny_pair_models, k
     assert server.proc.poll() is None, server.log()[-3000:]
     warnings = [x for x in server.log().splitlines() if "drafter's logits are not finite" in x]
     rids = {x.split("request ")[1].split(":")[0] for x in warnings}
-    assert len(warnings) == len(rids) >= len(prompts), warnings[:3]  # once per request, and they do say it
+    if kind == "overflow":  # the full block every step: every request met the drafter
+        assert len(warnings) == len(rids) >= len(prompts), warnings[:3]  # once per request, and they do say it
+    else:  # adaptive: the drafter runs in the first steps and in rare probes, so only some requests meet it
+        assert len(warnings) == len(rids) >= 1, warnings[:3]
+        widths = verify_width_counts(server)
+        assert widths[1] > 0.7 * sum(widths.values()), widths  # a drafter that gains nothing: plain decode
 
 
 def test_sampling_distribution_is_the_targets_with_a_nan_drafter(broken):

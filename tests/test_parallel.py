@@ -129,3 +129,29 @@ def test_rank_sync_takes_rank0s_acceptance_and_drafts():
     # one rank: nothing is sent, the objects pass through
     assert RankSync(None).accepted(mine) is mine
     assert RankSync(types.SimpleNamespace(world_size=1)).drafts(proposal) is proposal
+
+
+def _width_rank(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+    from sglang_dflash.srt.parallel import RankSync
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    group = types.SimpleNamespace(world_size=2, ranks=[0, 1], cpu_group=dist.group.WORLD)
+    try:
+        out[rank] = [RankSync(group).width(k) for k in ((16, 1, 4) if rank == 0 else (2, 8, 1))]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_sync_width_is_rank0s_over_gloo():
+    """Each rank times its own steps, so each may choose another verify width: every rank runs rank 0's
+    (a real two-process gloo group, as SGLang's CPU group under --tp-size 2)."""
+    import torch.multiprocessing as mp
+    from sglang_dflash.server import free_port
+    from sglang_dflash.srt.parallel import RankSync
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_width_rank, args=(free_port(), out), nprocs=2)
+        assert out[0] == out[1] == [16, 1, 4]
+    assert RankSync(None).width(8) == 8

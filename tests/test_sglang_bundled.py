@@ -1,7 +1,8 @@
 """SGLang end to end on the bundled trained pair (real multi-token acceptance), CPU.
 
-One DFLASH server (chunked prefill of 64 tokens, so longer prompts are prefilled in chunks) and one
-server without speculation, shared by the module; both started in child processes."""
+One DFLASH server (chunked prefill of 64 tokens, so longer prompts are prefilled in chunks; verify width fixed at
+the block, so acceptance can be compared with the reference loop step for step) and one server without
+speculation, shared by the module; both started in child processes."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from sglang_server import Server, start_all
 
 MAX_NEW = 32
 CHUNK = 64
+FIXED = {"SGLANG_DFLASH_ADAPTIVE": "0"}
 
 
 @pytest.fixture(scope="module")
 def servers(tiny_pair):
     target, draft = tiny_pair
-    dflash = Server(target, draft, "--chunked-prefill-size", str(CHUNK), "--decode-log-interval", "1")
+    # a fixed verify width (the full block): acceptance is compared with the reference loop's step for step
+    dflash = Server(target, draft, "--chunked-prefill-size", str(CHUNK), "--decode-log-interval", "1", env=FIXED)
     plain = Server(target)
     start_all(dflash, plain)
     yield dflash, plain

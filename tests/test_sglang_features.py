@@ -4,7 +4,8 @@ penalties, min_new_tokens, logit_bias, custom logit processors, logprobs, constr
 The plain server runs with `--disable-overlap-schedule`: SGLang's overlapped scheduler (its CPU default without
 speculation) counts penalties one token late (it reads `req.output_ids[-1]` before the previous step's token is
 in it, and the last prompt token at the first step), so only the synchronous one gives the exact
-non-speculative output that DFLASH must equal."""
+non-speculative output that DFLASH must equal. The synchronous DFLASH server steps through every verify width in
+turn (SGLANG_DFLASH_ADAPTIVE=cycle); the overlap one chooses its widths (the default)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ MAX_NEW = 40
 def servers(tiny_pair):
     target, draft = tiny_pair
     extra = ("--enable-custom-logit-processor", "--enable-return-hidden-states")
-    dflash = Server(target, draft, *extra)
+    # the synchronous DFLASH server steps through every verify width in turn (1 = plain decode ... 16): each
+    # feature is then served at every width and across width switches within a request
+    dflash = Server(target, draft, *extra, env={"SGLANG_DFLASH_ADAPTIVE": "cycle"})
     plain = Server(target, None, "--disable-overlap-schedule", *extra)
     overlap = Server(target, draft, *extra, env={"SGLANG_ENABLE_DFLASH_SPEC_V2": "1"})
     start_all(dflash, plain, overlap)

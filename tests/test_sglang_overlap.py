@@ -4,8 +4,9 @@ NGRAM: `_disable_overlap_schedule_for_cpu` is called from `_handle_eagle_family`
 `arg_groups/speculative_hook.py`, never from `_handle_dflash`).
 
 Three overlap servers, strict idle leak check on: the bundled pair (chunked prefill, a small KV pool with
-optimistic admission so long requests are retracted), a random pair with KV pages of 4, and a tiny-vocabulary
-pair for the sampling distribution. Greedy output equals the target alone at concurrency 1, 8 and 32."""
+optimistic admission so long requests are retracted; widths chosen adaptively), a random pair with KV pages of 4
+(every verify width in turn, SGLANG_DFLASH_ADAPTIVE=cycle), and a tiny-vocabulary pair for the sampling
+distribution. Greedy output equals the target alone at concurrency 1, 8 and 32."""
 
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def servers(tiny_pair, tmp_path_factory):
     s = {
         "bundled": Server(target, draft, "--chunked-prefill-size", "64", "--max-total-tokens", "2048",
                           "--schedule-conservativeness", "0.05", env=OVERLAP),
+        # verify widths 1, 2, 4, 8 in turn, step by step: every width and switch under the overlap scheduler
         "page4": Server(root / "page4_target", root / "page4_draft", "--skip-tokenizer-init", "--page-size", "4",
-                        env=OVERLAP),
+                        env={**OVERLAP, "SGLANG_DFLASH_ADAPTIVE": "cycle"}),
         "small": Server(root / "small_target", root / "small_draft", "--skip-tokenizer-init", env=OVERLAP),
     }
     start_all(*s.values())

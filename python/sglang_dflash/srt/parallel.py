@@ -6,8 +6,8 @@
     context K/V     each rank writes its own KV heads into its own drafter pool (`context.ContextWriter`).
     embedding       the target's vocab-parallel `embed_tokens` (its forward sums the ranks' rows).
     draft logits    the target's vocab-parallel lm_head: each rank its rows, all-gathered to the whole vocabulary.
-    decisions       rank 0's draft tokens and acceptance are broadcast (`RankSync`), so no rank drafts, verifies or
-                    commits differently, whatever the ranks' random streams or float rounding do.
+    decisions       rank 0's verify width, draft tokens and acceptance are broadcast (`RankSync`), so no rank drafts,
+                    verifies or commits differently, whatever the ranks' clocks, random streams or float rounding do.
 
 Shapes: `n` rows, `V` vocabulary, `bs` requests, `B` block size, `hd` head dim.
 DP attention (`--enable-dp-attention`) is refused at start: see `refuse_dp_attention`.
@@ -143,10 +143,21 @@ class RankSync:
     uniforms) and float rounding are not guaranteed to agree; a rank that drafted or committed differently would
     feed the target's collectives different tokens. So the draft tokens and the acceptance result are broadcast
     from rank 0, as SGLang's own DFLASH does by default (SGLANG_SPEC_TP_SYNC). Two small int64 broadcasts per
-    step, no host sync."""
+    step, no host sync; and the step's verify width, one host integer."""
 
     def __init__(self, group) -> None:
         self.group = group if group is not None and group.world_size > 1 else None
+
+    def width(self, k: int) -> int:
+        """The step's verify width: rank 0's (each rank times its own steps, so their choices could differ).
+        A one-element host tensor over the group's CPU (gloo) group: no device work, no device sync."""
+        if self.group is None:
+            return k
+        import torch.distributed as dist
+
+        value = torch.tensor([k], dtype=torch.int64)
+        dist.broadcast(value, src=self.group.ranks[0], group=self.group.cpu_group)
+        return int(value[0])
 
     def drafts(self, proposal):
         """proposal.drafts [bs, B-1] int64 -> rank 0's."""

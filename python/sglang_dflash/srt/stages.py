@@ -6,7 +6,8 @@ The acceptance rule itself is defined once in `dflash_kernels` (greedy_accept.ac
 and the commit layout greedy_accept.committed_tokens); `accept` here picks the kernel or its reference.
 The drafter's context write (target hidden states -> drafter K/V) is `context.ContextWriter`.
 
-Shapes: `bs` requests, `B` block size, `V` vocab, `H` hidden, `K*H` concatenated target features.
+Shapes: `bs` requests, `B` the step's verify width (the block size, or less when `adaptive.py` picks a smaller
+width), `V` vocab, `H` hidden, `K*H` concatenated target features.
 """
 
 from __future__ import annotations
@@ -29,29 +30,38 @@ class BlockLayout(NamedTuple):
 
 class StepBuffers:
     """A step's block scratch, allocated once for the most requests SGLang can run at a time (its
-    req_to_token rows) and sliced per step: block ids, positions and the verify ids. Not pooled: what
+    req_to_token rows) at the full block width B, and viewed per step as [bs, k] for the step's verify width k:
+    block ids, positions and the verify ids. Not pooled: what
     SGLang may keep past the step: the outputs (the scheduler reads them while the next step runs under
     overlap scheduling) and the block's KV slots (they become `batch.out_cache_loc`, which SGLang 0.5.23
     hands to a unified-memory allocator as this forward's write set). CUDA graphs need none of this:
     SGLang's graph runners copy inputs into their own static buffers at replay."""
 
     def __init__(self, max_requests: int, B: int, device) -> None:
-        new = lambda: torch.empty((max_requests, B), dtype=torch.int64, device=device)  # noqa: E731
+        new = lambda: torch.empty(max_requests * B, dtype=torch.int64, device=device)  # noqa: E731
         self.max_requests = max_requests
-        self.ids, self.positions, self.verify_ids = new(), new(), new()
+        self._ids, self._positions, self._verify_ids = new(), new(), new()
 
-    def block(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids, positions, slots) for `bs` requests; slots freshly allocated (see above)."""
+    def _check(self, bs: int) -> None:
         if bs > self.max_requests:
             raise ValueError(f"sglang-dflash: batch of {bs} requests, step buffers sized for {self.max_requests}")
-        return self.ids[:bs], self.positions[:bs], torch.empty_like(self.positions[:bs])
+
+    def block(self, bs: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, positions, slots) [bs, k]; slots freshly allocated (see above)."""
+        self._check(bs)
+        positions = self._positions[: bs * k].view(bs, k)
+        return self._ids[: bs * k].view(bs, k), positions, torch.empty_like(positions)
+
+    def verify_ids(self, bs: int, k: int) -> torch.Tensor:
+        self._check(bs)
+        return self._verify_ids[: bs * k].view(bs, k)
 
 
-def block_layout(batch, bonus: torch.Tensor, mask_id: int, B: int, buffers: StepBuffers) -> BlockLayout:
-    """The next block of every request (kernel `block_prep`), written into the step buffers."""
+def block_layout(batch, bonus: torch.Tensor, mask_id: int, k: int, buffers: StepBuffers) -> BlockLayout:
+    """The next block of every request at verify width k (kernel `block_prep`), written into the step buffers."""
     prep = dflash_kernels.get("block_prep", bonus.device)
     return BlockLayout(*prep(bonus, batch.seq_lens, batch.req_pool_indices, batch.req_to_token_pool.req_to_token,
-                             mask_id, B, out=buffers.block(bonus.shape[0])))
+                             mask_id, k, out=buffers.block(bonus.shape[0], k)))
 
 
 def set_block_key_lengths(batch, B: int) -> None:
@@ -68,8 +78,8 @@ def set_block_key_lengths(batch, B: int) -> None:
 
 
 def verify_ids(block: BlockLayout, drafts: torch.Tensor, buffers: StepBuffers) -> torch.Tensor:
-    """[anchor, d_1 .. d_(B-1)] per request: the tokens the target verifies [bs, B]."""
-    out = buffers.verify_ids[: drafts.shape[0]]
+    """[anchor, d_1 .. d_(k-1)] per request: the tokens the target verifies [bs, k]."""
+    out = buffers.verify_ids(*block.ids.shape)
     out[:, :1] = block.ids[:, :1]
     out[:, 1:] = drafts
     return out
@@ -96,9 +106,16 @@ def _sampling_shortcuts(sampling_info) -> dict:
 
 
 class Proposal(NamedTuple):
-    drafts: torch.Tensor  # [bs, B-1] int64
-    q: torch.Tensor | None  # [bs, B-1, V] float32: what each draft was drawn from; None when all greedy
-    nonfinite: torch.Tensor  # [bs] bool: the drafter's logits held NaN or inf (a broken drafter)
+    drafts: torch.Tensor  # [bs, k-1] int64
+    q: torch.Tensor | None  # [bs, k-1, V] float32: what each draft was drawn from; None when all greedy
+    nonfinite: torch.Tensor | None  # [bs] bool: the drafter's logits held NaN or inf (a broken drafter)
+
+
+def no_drafts(bs: int, vocab: int, sampling_info, device) -> Proposal:
+    """The proposal of a width-1 step (a plain target decode): no drafts, no drafter forward."""
+    drafts = torch.empty((bs, 0), dtype=torch.int64, device=device)
+    q = None if sampling_info.is_all_greedy else torch.empty((bs, 0, vocab), dtype=torch.float32, device=device)
+    return Proposal(drafts, q, None)
 
 
 def propose(draft_logits: torch.Tensor, sampling_info) -> Proposal:

@@ -3,7 +3,8 @@
 Stages: draft (drafter forward + draft tokens), verify (target forward), accept, commit (drafter context
 K/V + result), prefill (prefill batches run between two decode steps, drafter context included), and
 scheduler (the rest of the time between two decode steps: batch preparation, slot reservation, result
-processing, detokenisation hand-off; a gap over IDLE_GAP_S is an idle server and is not counted).
+processing, detokenisation hand-off; a gap over IDLE_GAP_S is an idle server and is not counted). Each
+report also names the verify widths the steps ran at ("widths {1: 40, 16: 10}", `adaptive.py`).
 With timing on, the device is synchronised at each stage boundary: the split is honest, the step a
 little slower than untimed.
 """
@@ -22,8 +23,9 @@ STAGES = ("draft", "verify", "accept", "commit", "prefill", "scheduler")
 
 
 class StepTimer:
-    def __init__(self, enabled: bool, device: str, report_every: int = 50) -> None:
+    def __init__(self, enabled: bool, device: str, report_every: int = 50, extra=None) -> None:
         self.enabled = enabled
+        self.extra = extra  # () -> str appended to each report (the verify widths run), or None
         self.cuda = str(device).startswith("cuda")
         self.report_every = report_every
         self.totals = dict.fromkeys(STAGES, 0.0)
@@ -63,7 +65,8 @@ class StepTimer:
         self._last_end = self._now()
         self.steps += 1
         if self.steps == self.report_every:  # one line per window of `report_every` steps, then start over
-            logger.info("sglang-dflash step timing: %s", self.summary())
+            extra = "" if self.extra is None else "; " + self.extra()
+            logger.info("sglang-dflash step timing: %s%s", self.summary(), extra)
             self.totals = dict.fromkeys(STAGES, 0.0)
             self.steps = 0
 
