@@ -5,12 +5,14 @@
 
 Measures first the device's copy bandwidth and bf16 matrix rate, then, at batch 1, 8 and 32: the drafter
 forward (5 layers, hidden 2560, 32 heads, 8 KV heads, head dim 128, B = 16, 1024 context tokens), a
-verify-sized forward of the same width (36 such layers, causal), each kernel against its PyTorch
-reference (context_kv also at head dim 80, where the registry falls back to the reference), the sampling
-distributions of a sampled step (full sort vs SGLang's shortcuts, with peak memory), the whole context write
-(per layer vs the wired stacked projection + context_kv), and one
-full draft step (block prep + drafter forward + lm_head argmax + greedy accept); on a GPU the draft step
-and the verify-sized forward are also timed as CUDA graphs, as SGLang replays them.
+verify-sized forward of the same width (36 such layers, causal), the same verify-sized forward at verify
+widths k = 1, 2, 4, 8, 16 tokens per request (same context, eager and as CUDA graphs: the step-cost curve
+T(bs, k) the adaptive width chooser weighs against acceptance, tabulated at the end of gpu_check.md), each
+kernel against its PyTorch reference (context_kv also at head dim 80, where the registry falls back to the
+reference), the sampling distributions of a sampled step (full sort vs SGLang's shortcuts, with peak memory),
+the whole context write (per layer vs the wired stacked projection + context_kv), and one full draft step
+(block prep + drafter forward + lm_head argmax + greedy accept); on a GPU the draft step and the verify-sized
+forwards are also timed as CUDA graphs, as SGLang replays them (a dry run times eager only).
 Each row reports time, and achieved FLOP/s or bytes/s against the measured peaks. Writes
 $OUT/gpu_check.json and $OUT/gpu_check.md.
 """
@@ -37,6 +39,7 @@ from kernels import block_prep, context_kv, greedy_accept, sample_accept  # noqa
 
 QWEN3_4B = dict(hidden=2560, heads=32, kv_heads=8, head_dim=128, inter=9728, vocab=151936, target_layers=36,
                 draft_layers=5, B=16, ctx=1024)
+WIDTHS = (1, 2, 4, 8, 16)  # verify widths k of the step-cost curve (16 = B)
 TINY = dict(hidden=64, heads=4, kv_heads=2, head_dim=16, inter=128, vocab=1000, target_layers=4, draft_layers=2,
             B=16, ctx=64)
 
@@ -125,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     pk = res["peaks"]
     print(f"peaks: copy {pk['copy_bytes_per_s'] / 1e9:.1f} GB/s, matmul {pk['matmul_flop_per_s'] / 1e12:.2f} TFLOP/s")
 
-    def row(name, bs, seconds, flops=None, nbytes=None, note=""):
-        r = {"name": name, "bs": bs, "ms": round(seconds * 1e3, 4)}
+    def row(name, bs, seconds, flops=None, nbytes=None, note="", **fields):
+        r = {"name": name, "bs": bs, "ms": round(seconds * 1e3, 4), **fields}
         if flops:
             r["tflop_s"] = round(flops / seconds / 1e12, 3)
             r["of_peak_matmul"] = round(flops / seconds / pk["matmul_flop_per_s"], 3)
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r), flush=True)
 
     B, H, V, ctx = shape["B"], shape["hidden"], shape["vocab"], shape["ctx"]
+    assert max(WIDTHS) == B and min(WIDTHS) >= 1, (WIDTHS, B)
     draft = drafter(shape, shape["draft_layers"], device, dtype)
     verify = drafter(shape, shape["target_layers"], device, dtype)  # same layer kind: the width of a verify
     lm_head = torch.randn(V, H, dtype=dtype, device=device) * 0.02
@@ -160,6 +164,29 @@ def main(argv: list[str] | None = None) -> int:
                               device, iters)
             row("verify-sized forward (36 layers)" if not dry else "verify-sized forward", bs, t_verify,
                 flops=shape["target_layers"] * layer_flops(shape, bs * B, ctx + B))
+            # the same forward at verify width k (k tokens per request, same context): T(bs, k), eager and graphed
+            at_full = {}  # mode -> seconds at k = B (measured first)
+            for k in sorted(WIDTHS, reverse=True):
+                mask_k = causal[:, :k, :ctx + k].contiguous()  # context visible, causal within the k block tokens
+
+                def fwd(emb=emb[:, :k].contiguous(), bpos=bpos[:, :k].contiguous(), kv_v=kv_v, mask=mask_k):
+                    return verify(emb, bpos, kv_v, mask)
+
+                flops_k = shape["target_layers"] * layer_flops(shape, bs * k, ctx + k)
+                modes = {"eager": lambda fwd=fwd: timeit(fwd, device, iters)}
+                if device == "cuda":
+                    modes["CUDA graph"] = lambda fwd=fwd: graph_time(fwd, iters)
+                for mode, measure in modes.items():
+                    try:
+                        t_k = measure()
+                    except Exception as e:  # report, never lose the rest of the run
+                        row(f"verify-sized forward, width k={k}, {mode}", bs, 0.0, k=k, mode=mode,
+                            note=f"failed: {type(e).__name__}: {e}"[:200])
+                        continue
+                    if k == B:
+                        at_full[mode] = t_k
+                    row(f"verify-sized forward, width k={k}, {mode}", bs, t_k, flops=flops_k, k=k, mode=mode,
+                        note=f"{t_k / at_full[mode]:.2f} of k={B}" if mode in at_full else "")
             # kernels vs references
             rows_ = torch.arange(bs, device=device) + 1
             r2t = torch.randint(0, 100_000, (bs + 1, ctx + 2 * B), dtype=torch.int32, device=device)
@@ -278,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         tf = f"{r['tflop_s']} ({r['of_peak_matmul']:.0%})" if "tflop_s" in r else ""
         gb = f"{r['gb_s']} ({r['of_peak_copy']:.1%})" if "gb_s" in r else ""
         lines.append(f"| {r['name']} | {r['bs']} | {r['ms']} | {tf} | {gb} | {r['note']} |")
+    curve = {(r["mode"], r["bs"], r["k"]): r["ms"] for r in res["rows"] if "k" in r and r["ms"] > 0}
+    lines += ["", f"Verify-sized forward ({shape['target_layers']} layers, {ctx} context tokens), ms per forward "
+              "at width k (tokens per request):", "",
+              "| mode | bs | " + " | ".join(f"k={k}" for k in WIDTHS) + " |", "|---|---|" + "---|" * len(WIDTHS)]
+    for mode, bs in sorted({(m, b) for m, b, _ in curve}):
+        lines.append(f"| {mode} | {bs} | " + " | ".join(str(curve.get((mode, bs, k), "")) for k in WIDTHS) + " |")
     (out_dir / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -2,13 +2,13 @@
 
 Prefill:  target extend with hidden-state capture -> drafter context K/V for every prompt token,
           written before the scheduler can share the prefix through the radix cache.
-Decode:   draft (block forward on the drafter runner) -> verify (TARGET_VERIFY on the target)
-          -> accept -> commit. The step reads as those four calls; their tensor work lives in `stages.py`
-          (the acceptance rule itself in `dflash_kernels.greedy_accept` / `sample_accept`) and the
-          drafter's context write in `context.py`.
+Decode:   width (the step's verify width k, `adaptive.py`) -> draft (block forward of k tokens on the drafter
+          runner; none at k = 1) -> verify (TARGET_VERIFY of k tokens on the target) -> accept -> commit.
+          The step reads as those calls; their tensor work lives in `stages.py` (the acceptance rule itself
+          in `dflash_kernels.greedy_accept` / `sample_accept`) and the drafter's context write in `context.py`.
 
 KV slots: the drafter's pool has one slot per target slot, indexed by the same slot ids (SGLang sizes it
-so for `--speculative-algorithm DFLASH`). A decode step uses slots [L, L+B) of each request, reserved by
+so for `--speculative-algorithm DFLASH`). A decode step uses slots [L, L+k) of each request (k <= B), reserved by
 `DFlashDraftInput.prepare_for_decode`; the block's scratch K/V and the rejected tail are overwritten by the
 next step before anything reads them, and SGLang frees the reservation with the request.
 """
@@ -16,6 +16,7 @@ next step before anything reads them, and SGLang frees the reservation with the 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
@@ -27,11 +28,13 @@ from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from .. import __version__, envs
 from ..config import check_for_sglang, check_target_model
 from . import logit_rules, stages
+from .adaptive import WidthChooser, candidate_widths
 from .context import ContextWriter
 from .draft_health import DraftHealth
+from .graphs import WidthGraphs, use_width
 from .parallel import RankSync, refuse_dp_attention
 from .spec_inputs import BlockForwardInput, DFlashDraftInput
-from .timing import StepTimer
+from .timing import IDLE_GAP_S, StepTimer
 
 logger = logging.getLogger("sglang_dflash")
 # attention backends a block forward (the target's verify, the drafter's non-causal block) has been run on, end
@@ -39,6 +42,10 @@ logger = logging.getLogger("sglang_dflash")
 # Any other backend starts with a warning until a run says otherwise (fa3 and flashinfer are written to
 # SGLang 0.5.23's contracts but no GPU has run them).
 VERIFIED_ATTENTION_BACKENDS = ("torch_native", "triton")
+# attention backend classes (SGLang 0.5.23) that read a TARGET_VERIFY forward's width from its spec_info, so one
+# backend serves every verify width eagerly; others (FA3: fixed when built) serve a width below the block only
+# through their own backend for it (`graphs.WidthGraphs`), and without one that width is not used
+PER_FORWARD_WIDTH_BACKENDS = ("TorchNativeAttnBackend", "TritonAttnBackend", "FlashInferAttnBackend")
 
 
 class DFlashWorker(BaseSpecWorker):
@@ -95,7 +102,13 @@ class DFlashWorker(BaseSpecWorker):
         self.buffers: stages.StepBuffers | None = None
         self.mask_token_id = self.draft_model.cfg.mask_token_id
         self.vocab_size = target_runner.model_config.vocab_size
-        self.timer = StepTimer(envs.timing_enabled(), self.device)
+        self.candidate_widths = candidate_widths(self.block_size, envs.verify_widths())
+        self.widths = WidthChooser(self.candidate_widths, envs.width_mode())
+        self._last_step: tuple[float, int, int] | None = None  # (start, bs, width) of the previous decode step
+        self.width_metric = _width_histogram(server_args, self.widths.widths) if self._is_rank0() else None
+        self.draft_graphs: WidthGraphs | None = None  # per-width CUDA graphs (init_cuda_graphs)
+        self.verify_graphs: WidthGraphs | None = None
+        self.timer = StepTimer(envs.timing_enabled(), self.device, extra=lambda: self.widths.summary())
         self.draft_health = DraftHealth()
         self._overlap_seen = False
         self._first_forward_logged = False
@@ -104,9 +117,14 @@ class DFlashWorker(BaseSpecWorker):
             if name not in VERIFIED_ATTENTION_BACKENDS:
                 logger.warning("sglang-dflash: %s attention backend %r has not been run with this worker yet "
                                "(unverified; run on so far: %s)", role, name, ", ".join(VERIFIED_ATTENTION_BACKENDS))
-        logger.info("sglang-dflash %s: DFLASH worker active (block size %d, drafter layers %d, target layers %s)",
-                    __version__, self.block_size, self.draft_model.cfg.num_hidden_layers,
-                    list(self.draft_model.cfg.target_layer_ids))
+        logger.info("sglang-dflash %s: DFLASH worker active (block size %d, drafter layers %d, target layers %s, "
+                    "verify widths %s %s)", __version__, self.block_size, self.draft_model.cfg.num_hidden_layers,
+                    list(self.draft_model.cfg.target_layer_ids), self.widths.mode, self.widths.widths)
+
+    def _is_rank0(self) -> bool:
+        from sglang.srt.runtime_context import get_parallel
+
+        return get_parallel().tp_rank == 0
 
     # -- SGLang worker plumbing ------------------------------------------------------------------
     def weight_update_runners(self):
@@ -115,7 +133,8 @@ class DFlashWorker(BaseSpecWorker):
     def init_cuda_graphs(self) -> None:
         """Capture the drafter's block forward (TARGET_VERIFY, B tokens per request) as SGLang's decode graph
         runner does for the target's verify: SGLang replays either by itself whenever a batch fits
-        (`ModelRunner._forward_raw`), so the step code is the same with and without graphs."""
+        (`ModelRunner._forward_raw`), so the step code is the same with and without graphs. Then both runners'
+        graphs for every verify width below B (`graphs.WidthGraphs`; selected per step by `use_width`)."""
         from sglang.srt.model_executor.cuda_graph_config import Backend
         from sglang.srt.platforms import current_platform
         from sglang.srt.runtime_context import get_exec
@@ -130,8 +149,31 @@ class DFlashWorker(BaseSpecWorker):
                 capture = False
                 logger.warning("sglang-dflash: %.2f GiB of GPU memory free after the target's setup; the drafter "
                                "runs without CUDA graphs", free_gib)
+        B, widths = self.block_size, self.widths.widths
         with draft_pp_context(), draft_tp_context(self.draft_parallel_layout):
             self._draft_worker.init_cuda_graphs(capture_decode_cuda_graph=capture)
+            # the drafter's graphs per verify width (width 1 runs no drafter), then the target's (SGLang captured B)
+            self.draft_graphs = WidthGraphs.capture(self.draft_runner, [w for w in widths if w > 1], B)
+        self.verify_graphs = WidthGraphs.capture(self.target_worker.model_runner, widths, B)
+
+    def _keep_servable_widths(self) -> None:
+        """Drop the verify widths an attention backend cannot serve: below the block, a backend that fixes its
+        verify width when built (FA3) serves only widths it got its own backend for (`WidthGraphs`). Run at the
+        first forward: the runners' backends and graphs exist by then."""
+        def servable(width: int, runner, graphs: WidthGraphs | None) -> bool:
+            per_forward = any(c.__name__ in PER_FORWARD_WIDTH_BACKENDS for c in type(runner.attn_backend).__mro__)
+            return width == self.block_size or per_forward or (graphs is not None and width in graphs.states)
+
+        widths, target = self.candidate_widths, self.target_worker.model_runner
+        kept = [w for w in widths if servable(w, target, self.verify_graphs)
+                and (w == 1 or servable(w, self.draft_runner, self.draft_graphs))] or [self.block_size]
+        if kept != self.widths.widths:
+            self.widths = WidthChooser(kept, self.widths.mode)
+        if kept != widths:
+            logger.warning("sglang-dflash: verify widths %s dropped: attention backends %s / %s fix the width when "
+                           "built and have no backend of that width (CUDA graphs off or not captured); widths %s",
+                           sorted(set(widths) - set(kept)), type(target.attn_backend).__name__,
+                           type(self.draft_runner.attn_backend).__name__, kept)
 
     def prewarm_sampling(self):
         """Reserve a sampled step's memory peak, as SGLang's own DFLASH does: on a GPU, rehearse the step at the
@@ -171,6 +213,7 @@ class DFlashWorker(BaseSpecWorker):
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None):
         if not self._first_forward_logged:  # what actually runs, once: attention backends and scheduler mode
             self._first_forward_logged = True
+            self._keep_servable_widths()
             logger.info("sglang-dflash: attention backends: target %s, drafter %s",
                         type(self.target_worker.model_runner.attn_backend).__name__,
                         type(self.draft_runner.attn_backend).__name__)
@@ -178,6 +221,7 @@ class DFlashWorker(BaseSpecWorker):
             self._overlap_seen = True
             logger.info("sglang-dflash: the scheduler overlaps steps (overlap path: lengths published early)")
         if batch.forward_mode.is_extend():
+            self._last_step = None  # a step period with a prefill in it says nothing about the decode's cost
             if grammar_barrier is not None:
                 grammar_barrier()
             with self.timer.stage("prefill"):
@@ -212,14 +256,19 @@ class DFlashWorker(BaseSpecWorker):
             seq_lens.record_stream(torch.cuda.current_stream())
         if self.buffers is None:  # sized from SGLang's request table, which exists once serving starts
             self.buffers = stages.StepBuffers(batch.req_to_token_pool.req_to_token.shape[0], B, anchor.device)
-        block = stages.block_layout(batch, anchor, self.mask_token_id, B, self.buffers)  # [L, L+B) of each request
-        stages.set_block_key_lengths(batch, B)  # host L+B for both block forwards; device seq_lens stay L
+        k = self._choose_width(batch.batch_size())
+        block = stages.block_layout(batch, anchor, self.mask_token_id, k, self.buffers)  # [L, L+k) of each request
+        stages.set_block_key_lengths(batch, k)  # host L+k for both block forwards; device seq_lens stay L
         # penalties, grammar, logit_bias, custom processors: None for a batch that asks for none of them
-        rules = logit_rules.BlockRules.of(batch, B, self.vocab_size, anchor.device, grammar_barrier)
+        rules = logit_rules.BlockRules.of(batch, k, self.vocab_size, anchor.device, grammar_barrier)
         with timer.stage("draft"):
-            proposal, draft_graph = self._draft(batch, block, rules)
-            self.draft_health.watch(batch.reqs, proposal.nonfinite)
-        verify_ids = stages.verify_ids(block, proposal.drafts, self.buffers)  # [bs, B]
+            if k > 1:
+                proposal, draft_graph = self._draft(batch, block, rules)
+                self.draft_health.watch(batch.reqs, proposal.nonfinite)
+            else:  # a plain target decode: nothing to draft
+                proposal = stages.no_drafts(anchor.shape[0], self.vocab_size, batch.sampling_info, anchor.device)
+                draft_graph = True
+        verify_ids = stages.verify_ids(block, proposal.drafts, self.buffers)  # [bs, k]
         with timer.stage("verify"):
             logits, target_hidden, verify_graph = self._verify(batch, block, verify_ids)
             if rules is not None:  # each row processed as the plain sampler would at that point of the output
@@ -228,9 +277,10 @@ class DFlashWorker(BaseSpecWorker):
             acc = self.rank_sync.accepted(stages.accept(verify_ids, logits, proposal.q, seq_lens, batch.sampling_info))
             if on_publish is not None:  # as soon as the lengths exist, before the commit's work
                 on_publish(acc.new_seq_lens)
+            self.widths.observe(k, acc.accept_len)
         logits_output = LogitsProcessorOutput(next_token_logits=None, hidden_states=None)
         if self.hidden_states_mode != CaptureHiddenMode.NULL and any(r.return_hidden_states for r in batch.reqs):
-            logits_output.hidden_states = self._final_hidden  # [bs*B, H]: row j <-> committed token j
+            logits_output.hidden_states = self._final_hidden  # [bs*k, H]: row j <-> committed token j
         if batch.return_logprob:  # from the same processed verify rows the tokens were accepted under
             stages.spec_logprobs(batch, logits_output, logits, acc.tokens)
         if batch.sampling_info.sampling_mask_batch_indices is not None:  # return_sampling_mask
@@ -247,20 +297,35 @@ class DFlashWorker(BaseSpecWorker):
                 accept_lens=acc.accept_len + 1,
                 new_seq_lens=acc.new_seq_lens,
                 next_draft_input=DFlashDraftInput(bonus_tokens=acc.bonus, block_size=B),
-                speculative_num_draft_tokens=B,
+                speculative_num_draft_tokens=k,  # the row stride of next_token_ids
                 can_run_cuda_graph=draft_graph and verify_graph,  # SGLang's decode log shows it
             )
         timer.end_step()
         return result
 
+    def _choose_width(self, bs: int) -> int:
+        """This step's verify width; the previous step's period (start to start) goes to the cost model first.
+        Under tensor parallelism rank 0's choice is every rank's (their clocks differ)."""
+        now = time.perf_counter()
+        if self._last_step is not None:
+            start, last_bs, last_k = self._last_step
+            if now - start < IDLE_GAP_S:  # longer: the server was idle in between
+                self.widths.step_time(last_bs, last_k, now - start)
+        k = self.rank_sync.width(self.widths.choose(bs))
+        self._last_step = (now, bs, k)
+        if self.width_metric is not None:
+            self.width_metric.observe(k)
+        return k
+
     def _draft(self, batch, block, rules):
         """-> the proposal (drafts [bs, B-1], their q or None when every request is greedy, non-finite flags)
         and whether the forward replayed a CUDA graph."""
-        B = self.block_size
-        fb = self._block_forward_batch(batch, self.draft_runner, block.ids, block, CaptureHiddenMode.NULL)
-        out = self.draft_runner.forward(fb)
-        hidden = out.logits_output.hidden_states  # [bs*B, H]; a graph's output buffer: used before the next replay
-        hidden = hidden.view(-1, B, hidden.shape[-1])[:, 1:]
+        k = block.ids.shape[1]
+        with use_width(self.draft_graphs, k):  # the width's own backend and CUDA graphs, when captured
+            fb = self._block_forward_batch(batch, self.draft_runner, block.ids, block, CaptureHiddenMode.NULL)
+            out = self.draft_runner.forward(fb)
+        hidden = out.logits_output.hidden_states  # [bs*k, H]; a graph's output buffer: used before the next replay
+        hidden = hidden.view(-1, k, hidden.shape[-1])[:, 1:]
         draft_logits = self.draft_model.draft_logits(hidden)
         if rules is not None:
             rules.draft(draft_logits)
@@ -271,22 +336,38 @@ class DFlashWorker(BaseSpecWorker):
         return proposal, out.can_run_graph
 
     def _verify(self, batch, block, verify_ids):
-        """-> target logits [bs, B, V] float32, target_hidden [bs*B, K*H], whether a CUDA graph replayed.
+        """-> target logits [bs, k, V] float32, target_hidden [bs*k, K*H], whether a CUDA graph replayed.
         With a graph both outputs live in its buffers; this step consumes them before the next verify."""
         runner = self.target_worker.model_runner
-        fb = self._block_forward_batch(batch, runner, verify_ids, block, CaptureHiddenMode.FULL)
-        out = self.target_worker.forward_batch_generation(batch=None, forward_batch=fb, is_verify=True)
+        with use_width(self.verify_graphs, verify_ids.shape[1]):
+            fb = self._block_forward_batch(batch, runner, verify_ids, block, CaptureHiddenMode.FULL)
+            out = self.target_worker.forward_batch_generation(batch=None, forward_batch=fb, is_verify=True)
         logits = out.logits_output.next_token_logits
         self._final_hidden = out.logits_output.last_hidden_states  # set only when return_hidden_states is on
-        return (logits.view(verify_ids.shape[0], self.block_size, -1), out.logits_output.hidden_states,
+        return (logits.view(*verify_ids.shape, -1), out.logits_output.hidden_states,
                 out.can_run_cuda_graph)
 
     def _block_forward_batch(self, batch, runner, ids, block, capture: CaptureHiddenMode) -> ForwardBatch:
-        """A TARGET_VERIFY ForwardBatch of B tokens per request at the block's positions and slots.
+        """A TARGET_VERIFY ForwardBatch of k tokens per request (the block's width) at its positions and slots.
         Field edits on `batch` are undone by the scheduler's isolation after the step."""
         batch.forward_mode = ForwardMode.TARGET_VERIFY
         batch.input_ids = ids.flatten()
         batch.out_cache_loc = block.slots.flatten()
-        batch.spec_info = BlockForwardInput(draft_token_num=self.block_size, positions=block.positions.flatten(),
+        batch.spec_info = BlockForwardInput(draft_token_num=ids.shape[1], positions=block.positions.flatten(),
                                             capture_hidden_mode=capture)
         return ForwardBatch.init_new(batch, runner, capture_hidden_mode=capture, return_hidden_states_before_norm=False)
+
+
+def _width_histogram(server_args, widths: list[int]):
+    """Prometheus histogram `sglang_dflash:verify_width` (steps per verify width) beside SGLang's own metrics
+    when the server runs with --enable-metrics (SGLang set up prometheus_client's multiprocess directory by
+    then); None otherwise."""
+    if not getattr(server_args, "enable_metrics", False):
+        return None
+    from prometheus_client import Histogram
+    from sglang.srt.runtime_context import get_serving
+
+    histogram = Histogram(name="sglang_dflash:verify_width", documentation="Verify width (tokens per request "
+                          "the target checks) of each DFLASH decode step; 1 is a plain target decode.",
+                          labelnames=["model_name"], buckets=[float(w) for w in widths])
+    return histogram.labels(model_name=get_serving().served_model_name)  # SGLang's own label value
