@@ -1,5 +1,6 @@
 """SGLang DFLASH on tiny random pairs of several shapes (block 4, 8, 16; GQA ratios), and the sampling
-distribution check on a tiny vocabulary. Servers run without a tokenizer (token ids in and out)."""
+distribution check on a tiny vocabulary (its server verifies 2 tokens per step: a small forced width). Servers run
+without a tokenizer (token ids in and out)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,11 @@ def small_vocab_server(tmp_path_factory):
     drafter = make_drafter(target, block_size=4, mask_token_id=V - 1, seed=6)
     target.save_pretrained(root / "target")
     drafter.save_pretrained(root / "draft")
-    server = Server(root / "target", root / "draft", "--skip-tokenizer-init").wait_ready()
+    # forced to verify width 2 (of the block's 4; SGLANG_DFLASH_VERIFY_WIDTHS): the distribution checks below run
+    # at a small adaptive width (the adaptive default draws samples in test_sglang_overlap.py's small server)
+    server = Server(root / "target", root / "draft", "--skip-tokenizer-init",
+                    env={"SGLANG_DFLASH_VERIFY_WIDTHS": "2"}).wait_ready()
+    assert "verify widths adaptive [2]" in server.log()
     yield target, server
     server.stop()
 
