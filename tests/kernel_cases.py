@@ -132,16 +132,16 @@ def check_context_kv(n, L, nkv, hd, dtype, device, bias=False):
 
 
 def cases(full: bool):
-    sizes = [(1, 2), (3, 5), (17, 16), (64, 8)]
+    sizes = [(1, 2), (3, 5), (17, 16), (64, 8), (5, 1)]  # B = 1: a width-1 step (a plain target decode)
     if full:
-        sizes = [(bs, B) for bs in (1, 2, 7, 8, 32, 33, 64) for B in (2, 3, 4, 8, 10, 15, 16)]
+        sizes = [(bs, B) for bs in (1, 2, 7, 8, 32, 33, 64) for B in (1, 2, 3, 4, 8, 10, 15, 16)]
     for bs, B in sizes:
         yield f"block_prep bs={bs} B={B}", lambda d, bs=bs, B=B: check_block_prep(bs, B, d)
     for (bs, B), V in zip(sizes, [3, 2, 3, 151936] * len(sizes)):
         yield f"greedy_accept bs={bs} B={B} V={V}", lambda d, bs=bs, B=B, V=V: check_greedy_accept(bs, B, V, d)
-    sample_sizes = [(1, 2, 5), (3, 4, 1500), (8, 16, 37)]
+    sample_sizes = [(1, 2, 5), (3, 4, 1500), (8, 16, 37), (4, 1, 37)]
     if full:
-        sample_sizes = [(bs, B, V) for bs in (1, 8, 32, 64) for B in (2, 4, 16) for V in (37, 4096, 151936)]
+        sample_sizes = [(bs, B, V) for bs in (1, 8, 32, 64) for B in (1, 2, 4, 16) for V in (37, 4096, 151936)]
     for bs, B, V in sample_sizes:
         yield f"sample_accept bs={bs} B={B} V={V}", lambda d, bs=bs, B=B, V=V: check_sample_accept(bs, B, V, d)
     yield "sample_accept distribution (chi-square)", check_sample_accept_distribution

@@ -113,16 +113,34 @@ def test_cost_model_fits_a_line_and_falls_back_to_the_mean():
     assert CostModel([1]).predict(1, 4) is None
 
 
+def test_cost_model_is_robust_to_stalls_and_noise():
+    """A stall counts for at most 3x the estimate; a line fitted on noisy steps of nearby batch sizes does not
+    promise a nearly free step far away (never below a quarter of the mean)."""
+    cost = CostModel([4], decay=1.0)
+    for _ in range(5):
+        cost.observe(4, 8, 0.01)
+    cost.observe(4, 8, 5.0)  # the scheduler waited, or a kernel compiled
+    assert cost.predict(4, 8) == pytest.approx((5 * 0.01 + 0.03) / 6)
+    noisy = CostModel([4], decay=1.0)
+    for bs, t in [(30, 0.020), (31, 0.030), (32, 0.021), (33, 0.035)]:
+        noisy.observe(4, bs, t)
+    assert noisy.predict(4, 1) >= 0.25 * (0.020 + 0.030 + 0.021 + 0.035) / 4
+
+
 def test_modes_and_widths():
     assert candidate_widths(16) == WIDTHS
     assert candidate_widths(6) == [1, 2, 4, 6]
     assert candidate_widths(16, [4]) == [4]
     with pytest.raises(ValueError, match=r"\[32\] out of range: expected 1..16"):
         candidate_widths(16, [2, 32])
+    with pytest.raises(ValueError, match="no verify widths given"):
+        candidate_widths(16, [])
     fixed = WidthChooser(WIDTHS, "fixed")
     assert {fixed.choose(8) for _ in range(20)} == {16}
     cycle = WidthChooser(WIDTHS, "cycle")
     assert [cycle.choose(8) for _ in range(6)] == [1, 2, 4, 8, 16, 1]
+    for k in [1, 2, 4, 8, 16, 1]:
+        cycle.ran(k)
     assert cycle.summary() == "widths {1: 2, 2: 1, 4: 1, 8: 1, 16: 1}"
     forced = WidthChooser([2])
     assert {forced.choose(8) for _ in range(5)} == {2}

@@ -86,6 +86,7 @@ def test_capture_builds_each_width_and_a_failed_one_runs_eager(monkeypatch, capl
     assert "width 2 runs eager" in caplog.text
     assert (mr.attn_backend, mr.decode_cuda_graph_runner, seen_width[-1]) == (main, full, B)  # all restored
     monkeypatch.setattr(graphs, "_num_ranks", lambda: 2)  # several ranks: a failure is raised, never skipped alone
+    monkeypatch.setattr(graphs, "_rank0_says", lambda yes: yes)  # (rank 0's memory decision: one rank here)
     with pytest.raises(RuntimeError, match="verify width 2"):
         WidthGraphs.capture(mr, [2, B], B)
     monkeypatch.setattr(graphs, "_free_gib", lambda model_runner, every_rank: 1.2)  # below 0.5 * 8/16 + 1 GiB

@@ -22,7 +22,7 @@ def test_kernels_match_references_under_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, str(CASES)], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.count("ok  ") == 14 and "FAIL" not in out.stdout, out.stdout
+    assert out.stdout.count("ok  ") == 17 and "FAIL" not in out.stdout, out.stdout
 
 
 def test_greedy_reference_is_the_accept_rule_and_commit_layout():
@@ -70,4 +70,6 @@ def test_gpu_check_dry_run(tmp_path):
                                          "context write, stacked + context_kv (wired)"}
     names = " ".join(r["name"] for r in rows)
     assert "context_kv head_dim 10" in names and names.count("sampling probs") == 3 * 2  # 3 cases x 2 batches
-    assert "14 passed, 0 failed" in (tmp_path / "kernel_sweep.txt").read_text()
+    assert "17 passed, 0 failed" in (tmp_path / "kernel_sweep.txt").read_text()
+    widths = {r["k"] for r in rows if r["name"].startswith("verify-sized forward, width k=")}
+    assert widths == {1, 2, 4, 8, 16}  # the step-cost curve T(bs, k) the adaptive width relies on

@@ -16,6 +16,8 @@ STEP_MODULES = [
     "python/sglang_dflash/srt/context.py",
     "python/sglang_dflash/srt/parallel.py",
     "python/sglang_dflash/srt/draft_health.py",
+    "python/sglang_dflash/srt/adaptive.py",
+    "python/sglang_dflash/srt/graphs.py",
     "python/sglang_dflash/drafter.py",
     "python/sglang_dflash/srt/spec_inputs.py",
     "python/sglang_dflash/srt/models/draft_model.py",
@@ -25,7 +27,7 @@ STEP_MODULES = [
     "kernels/sample_accept.py",
     "kernels/context_kv.py",
 ]
-SYNCING_METHODS = {"item", "tolist", "cpu", "numpy"}
+SYNCING_METHODS = {"item", "tolist", "cpu", "numpy", "synchronize"}
 
 
 def find_syncs(source: str) -> list[str]:

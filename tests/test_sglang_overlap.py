@@ -4,9 +4,9 @@ NGRAM: `_disable_overlap_schedule_for_cpu` is called from `_handle_eagle_family`
 `arg_groups/speculative_hook.py`, never from `_handle_dflash`).
 
 Three overlap servers, strict idle leak check on: the bundled pair (chunked prefill, a small KV pool with
-optimistic admission so long requests are retracted; widths chosen adaptively), a random pair with KV pages of 4
+optimistic admission so long requests are retracted; the full block every step), a random pair with KV pages of 4
 (every verify width in turn, SGLANG_DFLASH_ADAPTIVE=cycle), and a tiny-vocabulary pair for the sampling
-distribution. Greedy output equals the target alone at concurrency 1, 8 and 32."""
+distribution (widths chosen adaptively). Greedy output equals the target alone at concurrency 1, 8 and 32."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from sampling_check import check_first_two_tokens
 from sglang_dflash.assets import heldout_prompts
 from sglang_dflash.reference import generate
 from sglang_dflash.target import default_stop_ids
-from sglang_server import Server, start_all
+from sglang_server import Server, start_all, verify_width_counts
 
 OVERLAP = {"SGLANG_ENABLE_DFLASH_SPEC_V2": "1"}
 OVERLAP_LINE = "the scheduler overlaps steps"
@@ -43,11 +43,13 @@ def servers(tiny_pair, tmp_path_factory):
     small.save_pretrained(root / "small_target")
     make_drafter(small, block_size=4, mask_token_id=V - 1, seed=6).save_pretrained(root / "small_draft")
     s = {
+        # the full block every step (SGLANG_DFLASH_ADAPTIVE=0): at concurrency 32 on this CPU the adaptive width
+        # decodes mostly plainly, and these tests are about drafts relayed through the overlap scheduler
         "bundled": Server(target, draft, "--chunked-prefill-size", "64", "--max-total-tokens", "2048",
-                          "--schedule-conservativeness", "0.05", env=OVERLAP),
+                          "--schedule-conservativeness", "0.05", env={**OVERLAP, "SGLANG_DFLASH_ADAPTIVE": "0"}),
         # verify widths 1, 2, 4, 8 in turn, step by step: every width and switch under the overlap scheduler
         "page4": Server(root / "page4_target", root / "page4_draft", "--skip-tokenizer-init", "--page-size", "4",
-                        env={**OVERLAP, "SGLANG_DFLASH_ADAPTIVE": "cycle"}),
+                        "--enable-metrics", env={**OVERLAP, "SGLANG_DFLASH_ADAPTIVE": "cycle"}),
         "small": Server(root / "small_target", root / "small_draft", "--skip-tokenizer-init", env=OVERLAP),
     }
     start_all(*s.values())
@@ -132,6 +134,8 @@ def test_page_size_4_greedy_equals_target_only(servers, concurrency):
     got = servers[0]["page4"].generate_many(PROMPTS, 24, concurrency=concurrency, ignore_eos=True)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g["output_ids"] == w.output_ids, f"prompt {i}"
+    counts = verify_width_counts(servers[0]["page4"])  # every width ran, in turn
+    assert sorted(counts) == [1, 2, 4, 8] and min(counts.values()) >= 5, counts
 
 
 def test_sampling_matches_target_distribution_under_overlap(servers):

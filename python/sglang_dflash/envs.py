@@ -11,7 +11,8 @@ SGLANG_DFLASH_TIMING=1: time the stages of every decode step (draft, verify, acc
     serialises an overlapped scheduler: use it to see the split, not to measure throughput).
 SGLANG_DFLASH_ADAPTIVE: how each decode step picks its verify width k (`srt/adaptive.py`). On by default:
     from measured step cost and acceptance, among 1 (a plain target decode), the powers of two below the block
-    size B, and B (1 / on / adaptive). 0 / off / fixed: always B (no adaptation). cycle: the widths in turn,
+    size B, and B (1 / on / adaptive). 0 / off / fixed: always the largest width (B unless
+    SGLANG_DFLASH_VERIFY_WIDTHS leaves it out; no adaptation). cycle: the widths in turn,
     step by step (a test mode that exercises every width and every switch).
 SGLANG_DFLASH_VERIFY_WIDTHS=1,4,16: the candidate widths (each in 1..B); one width forces it. Default: all
     of the above. `--speculative-num-draft-tokens` sets B and so caps them.

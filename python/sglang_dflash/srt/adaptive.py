@@ -13,7 +13,9 @@ tokens per second:
         that verified draft i (`AcceptanceModel`)
     T(bs, k) = seconds from the start of a step at width k to the start of the next decode step (the whole
         period: drafter, verify, accept, commit and the scheduler's own work), a least-squares line in bs per
-        width over the recent steps (`CostModel`); a period with a prefill in it is not counted
+        width over the recent steps (`CostModel`); a period with a prefill in it, or after which the batch
+        changed (a request left or joined: the scheduler may have waited for work), is not counted, and one
+        more than 3x the width's estimate counts as 3x (a stall, a first-use compilation)
 
 Nothing is calibrated per machine: both models start empty and learn while serving. The first step runs the
 full block; a width whose cost is unknown and that neighbours the best one is tried at the next step, and each
@@ -40,6 +42,8 @@ def candidate_widths(block_size: int, allowed: list[int] | None = None) -> list[
     if allowed is None:
         return widths
     bad = [w for w in allowed if not 1 <= w <= block_size]
+    if not allowed:
+        raise ValueError(f"sglang-dflash: no verify widths given: expected some of 1..{block_size}")
     if bad:
         raise ValueError(f"sglang-dflash: verify widths {bad} out of range: expected 1..{block_size} "
                          f"(the block size)")
@@ -86,13 +90,21 @@ class AcceptanceModel:
 class CostModel:
     """Step seconds as a function of the batch size, per width: weighted least squares over recent steps
     (each new step of a width multiplies the weight of its older ones by `decay`). With all its steps at about
-    one batch size a width's estimate is their mean; a fitted slope is never negative."""
+    one batch size a width's estimate is their mean; a fitted slope is never negative, a line whose intercept
+    would be negative goes through the origin instead, and no estimate falls below a quarter of the mean (a
+    line fitted on noise must not promise a nearly free step far from the batch sizes seen). An observation
+    counts for at most OUTLIER times the width's estimate."""
+
+    OUTLIER = 3.0
 
     def __init__(self, widths: list[int], decay: float = 0.9) -> None:
         self.decay = decay
         self.sums = {w: [0.0] * 5 for w in widths}  # weight, sum x, sum y, sum x^2, sum x*y
 
     def observe(self, width: int, bs: int, seconds: float) -> None:
+        estimate = self.predict(width, bs)
+        if estimate is not None:
+            seconds = min(seconds, self.OUTLIER * estimate)
         s = self.sums[width]
         for n, value in enumerate((1.0, bs, seconds, bs * bs, bs * seconds)):
             s[n] = self.decay * s[n] + value
@@ -109,12 +121,16 @@ class CostModel:
         if spread < 1.0:  # all at about one batch size
             return my
         slope = max(0.0, (sxy - w * mx * my) / spread)
-        return max(my + slope * (bs - mx), 1e-6)
+        intercept = my - slope * mx
+        if intercept < 0:  # through the origin
+            slope, intercept = sxy / sxx, 0.0
+        return max(intercept + slope * bs, 0.25 * my)
 
 
 class WidthChooser:
-    """The verify width of each step (see the module docstring). `choose(bs)` before a step,
-    `observe(width, accept_len)` with its acceptance, `step_time(bs, width, seconds)` with its period."""
+    """The verify width of each step (see the module docstring). `choose(bs)` before a step, `ran(width)` with
+    the width the step runs (under TP rank 0's), `observe(width, accept_len)` with its acceptance,
+    `step_time(bs, width, seconds)` with its period."""
 
     def __init__(self, widths: list[int], mode: str = "adaptive", probe_every: int = PROBE_EVERY) -> None:
         if mode not in ("adaptive", "fixed", "cycle"):
@@ -147,8 +163,10 @@ class WidthChooser:
             width = self.widths[(self.steps - 1) % len(self.widths)]
         else:
             width = self._adaptive(bs)
-        self.counts[width] += 1
         return width
+
+    def ran(self, width: int) -> None:
+        self.counts[width] += 1
 
     def _adaptive(self, bs: int) -> int:
         rates = self.rates(bs)
@@ -173,14 +191,14 @@ class WidthChooser:
         waiting; folded in at a later `choose` once the copy has landed)."""
         if width < 2 or self.mode != "adaptive":
             return
-        if accept_len.is_cuda:
+        if accept_len.device.type == "cuda":
             host = torch.empty(accept_len.shape, dtype=accept_len.dtype, pin_memory=True)
             host.copy_(accept_len, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self._pending.append((width, host, event))
-        else:
-            self.acceptance.observe(width, accept_len)
+        else:  # the host already (CPU); another device waits for its step here
+            self.acceptance.observe(width, accept_len.cpu())  # sync: none on CPU
 
     def _fold_ready(self) -> None:
         while self._pending and (self._pending[0][2].query() or len(self._pending) > 8):

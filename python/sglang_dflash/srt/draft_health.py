@@ -22,9 +22,12 @@ class DraftHealth:
         self._warned: weakref.WeakSet = weakref.WeakSet()  # SGLang Req objects already reported
         self._pending: deque = deque(maxlen=max_pending)  # (reqs, host flags [bs] bool, cuda event or None)
 
-    def watch(self, reqs: list, nonfinite: torch.Tensor) -> None:
-        """reqs: the batch's requests in row order; nonfinite [bs] bool on the device."""
+    def watch(self, reqs: list, nonfinite: torch.Tensor | None) -> None:
+        """reqs: the batch's requests in row order; nonfinite [bs] bool on the device (None: nothing was
+        drafted this step)."""
         self._report_landed()
+        if nonfinite is None:
+            return
         if nonfinite.is_cuda:
             host = torch.empty(nonfinite.shape, dtype=torch.bool, pin_memory=True)
             host.copy_(nonfinite, non_blocking=True)

@@ -140,34 +140,39 @@ def _capture_width(model_runner: ModelRunner, runner_cls: type, width: int, full
     phase = "draft_decode" if model_runner.is_draft_worker else "target_verify"  # capture_decode_graph's names
     full_gib = model_runner.graph_memory_usage.get(phase, 0.0)  # what SGLang measured for the B-width capture
     need = full_gib * width / full_width + MARGIN_GIB
-    free = _free_gib(model_runner, every_rank=True)  # the least over the ranks: the same decision on every rank
+    free = _free_gib(model_runner, every_rank=True)  # the least over the ranks
     role = "drafter" if model_runner.is_draft_worker else "target"
-    if free < need:
+    # each rank measured its own B-width graphs (`need` may differ a little): rank 0 decides for all, since one rank
+    # skipping a width the others capture would leave the captures' collectives unmatched
+    if not _rank0_says(free >= need):
         logger.warning("sglang-dflash: %s width %d runs eager: %.2f GiB free, its CUDA graphs need about %.2f",
                        role, width, free, need)
         return None
     tic, before = time.perf_counter(), _free_gib(model_runner, every_rank=False)
     saved = (model_runner.attn_backend, model_runner.init_new_workspace)
-    backend = graph_runner = None
+    backend = graph_runner = capture_error = None
     try:
         with _spec_draft_tokens(width):  # backends built now read w as the verify width (FA3 fixes it in __init__)
-            # ModelRunner.init_attention_backends' steps for its own backend, less the composites refused above
+            # ModelRunner.init_attention_backends' steps for its own backend, less the composites refused above;
+            # an error here (SGLang's API changed) is raised: it is not a capture failure to serve around
             backend = model_runner._get_attention_backend(init_new_workspace=False)  # flashinfer: shared workspace
             backend.prefill_attention_backend_str = saved[0].prefill_attention_backend_str
             backend.decode_attention_backend_str = saved[0].decode_attention_backend_str
             model_runner.kv_index_translator.bind_and_verify_backends([backend])
             model_runner.attn_backend = backend  # capture-time reads (the DFLASH verify-mask policy) see this width's
-            graph_runner = runner_cls(model_runner, attn_backend=backend, speculative_num_draft_tokens=width)
-    except Exception as e:  # SGLang 0.5.23 re-raises a failed capture as a plain Exception; OOM is a RuntimeError
-        if _num_ranks() > 1:
-            raise RuntimeError(f"sglang-dflash: capturing the {role}'s CUDA graphs for verify width {width} failed "
-                               "on this rank; with several ranks every rank must capture the same widths") from e
-        logger.warning("sglang-dflash: %s width %d runs eager: its CUDA graph capture failed (%s: %s)",
-                       role, width, type(e).__name__, (str(e).splitlines() or [""])[0])
+            try:
+                graph_runner = runner_cls(model_runner, attn_backend=backend, speculative_num_draft_tokens=width)
+            except Exception as e:  # SGLang 0.5.23 re-raises a failed capture as a plain Exception; OOM: RuntimeError
+                capture_error = e
     finally:
         model_runner.attn_backend, model_runner.init_new_workspace = saved
-    if backend is None:
-        return None
+    if capture_error is not None:
+        if _num_ranks() > 1:
+            raise RuntimeError(f"sglang-dflash: capturing the {role}'s CUDA graphs for verify width {width} failed "
+                               "on this rank; with several ranks every rank must capture the same widths") \
+                from capture_error
+        logger.warning("sglang-dflash: %s width %d runs eager: its CUDA graph capture failed (%s: %s)", role, width,
+                       type(capture_error).__name__, (str(capture_error).splitlines() or [""])[0])
     if graph_runner is not None:
         used = before - _free_gib(model_runner, every_rank=False)
         logger.info("sglang-dflash: %s CUDA graphs for verify width %d: bs %s, %.1f s, %.2f GiB", role, width,
@@ -208,6 +213,20 @@ def _free_gib(model_runner: ModelRunner, *, every_rank: bool) -> float:
     distributed = every_rank and _num_ranks() > 1
     return get_available_gpu_memory(model_runner.device, model_runner.gpu_id, distributed=distributed,
                                     cpu_group=get_parallel().world_group.cpu_group if distributed else None)
+
+
+def _rank0_says(yes: bool) -> bool:
+    """Rank 0's `yes` on every rank (a one-element broadcast over the world's CPU group; `yes` itself on one rank)."""
+    if _num_ranks() == 1:
+        return yes
+    import torch
+    import torch.distributed as dist
+    from sglang.srt.runtime_context import get_parallel
+
+    world = get_parallel().world_group
+    flag = torch.tensor([int(yes)], dtype=torch.int64)
+    dist.broadcast(flag, src=world.ranks[0], group=world.cpu_group)
+    return bool(flag[0])
 
 
 def _num_ranks() -> int:

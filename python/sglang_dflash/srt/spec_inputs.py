@@ -5,8 +5,9 @@
 dflash-family dispatch in `spec_utils.spec_prepare_for_decode`), which reserves the KV slots the next
 block will use, and its `filter_batch` / `merge_batch` when requests finish or join.
 
-`BlockForwardInput` describes one TARGET_VERIFY forward of B tokens per request, used for both the
-drafter's block forward and the target's verify forward; attention backends read `draft_token_num`.
+`BlockForwardInput` describes one TARGET_VERIFY forward of k tokens per request (the step's verify width,
+1..B), used for both the drafter's block forward and the target's verify forward; attention backends read
+`draft_token_num`, SGLang's graph runners `num_tokens_per_req`.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class BlockForwardInput(SpecInput):
     """A TARGET_VERIFY forward over `draft_token_num` tokens per request at `positions`."""
 
     draft_token_num: int
-    positions: torch.Tensor  # [bs * B] int64
+    positions: torch.Tensor  # [bs * k] int64
     capture_hidden_mode: CaptureHiddenMode = CaptureHiddenMode.NULL
     topk: int = 1
 

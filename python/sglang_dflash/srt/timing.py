@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -23,7 +24,8 @@ STAGES = ("draft", "verify", "accept", "commit", "prefill", "scheduler")
 
 
 class StepTimer:
-    def __init__(self, enabled: bool, device: str, report_every: int = 50, extra=None) -> None:
+    def __init__(self, enabled: bool, device: str, report_every: int = 50,
+                 extra: Callable[[], str] | None = None) -> None:
         self.enabled = enabled
         self.extra = extra  # () -> str appended to each report (the verify widths run), or None
         self.cuda = str(device).startswith("cuda")

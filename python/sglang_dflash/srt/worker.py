@@ -103,12 +103,14 @@ class DFlashWorker(BaseSpecWorker):
         self.mask_token_id = self.draft_model.cfg.mask_token_id
         self.vocab_size = target_runner.model_config.vocab_size
         self.candidate_widths = candidate_widths(self.block_size, envs.verify_widths())
-        self.widths = WidthChooser(self.candidate_widths, envs.width_mode())
-        self._last_step: tuple[float, int, int] | None = None  # (start, bs, width) of the previous decode step
-        self.width_metric = _width_histogram(server_args, self.widths.widths) if self._is_rank0() else None
+        self.width_chooser = WidthChooser(self.candidate_widths, envs.width_mode())
+        # (start, bs, width) of the last two decode steps, for the step-cost model (`_choose_width`)
+        self._recent_steps: list[tuple[float, int, int]] = []
+        self.width_metric = (_width_histogram(self.width_chooser.widths)
+                             if server_args.enable_metrics and self._is_rank0() else None)
         self.draft_graphs: WidthGraphs | None = None  # per-width CUDA graphs (init_cuda_graphs)
         self.verify_graphs: WidthGraphs | None = None
-        self.timer = StepTimer(envs.timing_enabled(), self.device, extra=lambda: self.widths.summary())
+        self.timer = StepTimer(envs.timing_enabled(), self.device, extra=lambda: self.width_chooser.summary())
         self.draft_health = DraftHealth()
         self._overlap_seen = False
         self._first_forward_logged = False
@@ -119,7 +121,7 @@ class DFlashWorker(BaseSpecWorker):
                                "(unverified; run on so far: %s)", role, name, ", ".join(VERIFIED_ATTENTION_BACKENDS))
         logger.info("sglang-dflash %s: DFLASH worker active (block size %d, drafter layers %d, target layers %s, "
                     "verify widths %s %s)", __version__, self.block_size, self.draft_model.cfg.num_hidden_layers,
-                    list(self.draft_model.cfg.target_layer_ids), self.widths.mode, self.widths.widths)
+                    list(self.draft_model.cfg.target_layer_ids), self.width_chooser.mode, self.width_chooser.widths)
 
     def _is_rank0(self) -> bool:
         from sglang.srt.runtime_context import get_parallel
@@ -149,7 +151,7 @@ class DFlashWorker(BaseSpecWorker):
                 capture = False
                 logger.warning("sglang-dflash: %.2f GiB of GPU memory free after the target's setup; the drafter "
                                "runs without CUDA graphs", free_gib)
-        B, widths = self.block_size, self.widths.widths
+        B, widths = self.block_size, self.width_chooser.widths
         with draft_pp_context(), draft_tp_context(self.draft_parallel_layout):
             self._draft_worker.init_cuda_graphs(capture_decode_cuda_graph=capture)
             # the drafter's graphs per verify width (width 1 runs no drafter), then the target's (SGLang captured B)
@@ -167,8 +169,8 @@ class DFlashWorker(BaseSpecWorker):
         widths, target = self.candidate_widths, self.target_worker.model_runner
         kept = [w for w in widths if servable(w, target, self.verify_graphs)
                 and (w == 1 or servable(w, self.draft_runner, self.draft_graphs))] or [self.block_size]
-        if kept != self.widths.widths:
-            self.widths = WidthChooser(kept, self.widths.mode)
+        if kept != self.width_chooser.widths:
+            self.width_chooser = WidthChooser(kept, self.width_chooser.mode)
         if kept != widths:
             logger.warning("sglang-dflash: verify widths %s dropped: attention backends %s / %s fix the width when "
                            "built and have no backend of that width (CUDA graphs off or not captured); widths %s",
@@ -192,11 +194,11 @@ class DFlashWorker(BaseSpecWorker):
             bs = min(bs, int(runner.max_running_requests))
         bs = max(1, bs)
         stages.rehearse_sampled_step(bs, B, vocab, self.device)  # once, so cached workspaces are off the peak
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()  # sync: start-up rehearsal, not a step
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_stats()["allocated_bytes.all.current"]
         stages.rehearse_sampled_step(bs, B, vocab, self.device)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()  # sync: start-up rehearsal, not a step
         peak = torch.cuda.memory_stats()["allocated_bytes.all.peak"] - base
         inputs = (2 * B - 1) * bs * vocab * 4  # the float32 logits the rehearsal itself allocates
         result = SamplingPrewarmResult(sampling_input_bytes=inputs, sampling_headroom_bytes=peak + inputs)
@@ -221,7 +223,7 @@ class DFlashWorker(BaseSpecWorker):
             self._overlap_seen = True
             logger.info("sglang-dflash: the scheduler overlaps steps (overlap path: lengths published early)")
         if batch.forward_mode.is_extend():
-            self._last_step = None  # a step period with a prefill in it says nothing about the decode's cost
+            self._recent_steps = []  # a step period with a prefill in it says nothing about the decode's cost
             if grammar_barrier is not None:
                 grammar_barrier()
             with self.timer.stage("prefill"):
@@ -262,12 +264,8 @@ class DFlashWorker(BaseSpecWorker):
         # penalties, grammar, logit_bias, custom processors: None for a batch that asks for none of them
         rules = logit_rules.BlockRules.of(batch, k, self.vocab_size, anchor.device, grammar_barrier)
         with timer.stage("draft"):
-            if k > 1:
-                proposal, draft_graph = self._draft(batch, block, rules)
-                self.draft_health.watch(batch.reqs, proposal.nonfinite)
-            else:  # a plain target decode: nothing to draft
-                proposal = stages.no_drafts(anchor.shape[0], self.vocab_size, batch.sampling_info, anchor.device)
-                draft_graph = True
+            proposal, draft_graph = self._draft(batch, block, rules)
+            self.draft_health.watch(batch.reqs, proposal.nonfinite)
         verify_ids = stages.verify_ids(block, proposal.drafts, self.buffers)  # [bs, k]
         with timer.stage("verify"):
             logits, target_hidden, verify_graph = self._verify(batch, block, verify_ids)
@@ -277,7 +275,7 @@ class DFlashWorker(BaseSpecWorker):
             acc = self.rank_sync.accepted(stages.accept(verify_ids, logits, proposal.q, seq_lens, batch.sampling_info))
             if on_publish is not None:  # as soon as the lengths exist, before the commit's work
                 on_publish(acc.new_seq_lens)
-            self.widths.observe(k, acc.accept_len)
+            self.width_chooser.observe(k, acc.accept_len)
         logits_output = LogitsProcessorOutput(next_token_logits=None, hidden_states=None)
         if self.hidden_states_mode != CaptureHiddenMode.NULL and any(r.return_hidden_states for r in batch.reqs):
             logits_output.hidden_states = self._final_hidden  # [bs*k, H]: row j <-> committed token j
@@ -304,23 +302,31 @@ class DFlashWorker(BaseSpecWorker):
         return result
 
     def _choose_width(self, bs: int) -> int:
-        """This step's verify width; the previous step's period (start to start) goes to the cost model first.
-        Under tensor parallelism rank 0's choice is every rank's (their clocks differ)."""
+        """This step's verify width; the period that just ended (start to start) goes to the cost model first,
+        when the batch did not change over it (no request left or joined, no prefill: `forward_batch_generation`
+        clears the record). The period belongs to the previous step, except under the overlap scheduler on a GPU:
+        there the scheduler launches a step before it waits for the one before, so the period is that one's
+        device time. Under tensor parallelism rank 0's choice is every rank's (their clocks differ)."""
         now = time.perf_counter()
-        if self._last_step is not None:
-            start, last_bs, last_k = self._last_step
-            if now - start < IDLE_GAP_S:  # longer: the server was idle in between
-                self.widths.step_time(last_bs, last_k, now - start)
-        k = self.rank_sync.width(self.widths.choose(bs))
-        self._last_step = (now, bs, k)
+        recent = self._recent_steps
+        if recent and now - recent[-1][0] < IDLE_GAP_S and recent[-1][1] == bs:
+            lagged = self._overlap_seen and str(self.device).startswith("cuda")
+            _, run_bs, run_k = recent[0] if lagged else recent[-1]
+            if not lagged or (len(recent) == 2 and run_bs == bs):
+                self.width_chooser.step_time(run_bs, run_k, now - recent[-1][0])
+        k = self.rank_sync.width(self.width_chooser.choose(bs))
+        self.width_chooser.ran(k)
+        self._recent_steps = [*recent[-1:], (now, bs, k)]
         if self.width_metric is not None:
             self.width_metric.observe(k)
         return k
 
     def _draft(self, batch, block, rules):
-        """-> the proposal (drafts [bs, B-1], their q or None when every request is greedy, non-finite flags)
-        and whether the forward replayed a CUDA graph."""
+        """-> the proposal (drafts [bs, k-1], their q or None when every request is greedy, non-finite flags)
+        and whether the forward replayed a CUDA graph. At width 1 (a plain target decode) nothing is drafted."""
         k = block.ids.shape[1]
+        if k == 1:
+            return stages.no_drafts(block.ids.shape[0], self.vocab_size, batch.sampling_info, block.ids.device), True
         with use_width(self.draft_graphs, k):  # the width's own backend and CUDA graphs, when captured
             fb = self._block_forward_batch(batch, self.draft_runner, block.ids, block, CaptureHiddenMode.NULL)
             out = self.draft_runner.forward(fb)
@@ -358,12 +364,10 @@ class DFlashWorker(BaseSpecWorker):
         return ForwardBatch.init_new(batch, runner, capture_hidden_mode=capture, return_hidden_states_before_norm=False)
 
 
-def _width_histogram(server_args, widths: list[int]):
-    """Prometheus histogram `sglang_dflash:verify_width` (steps per verify width) beside SGLang's own metrics
-    when the server runs with --enable-metrics (SGLang set up prometheus_client's multiprocess directory by
-    then); None otherwise."""
-    if not getattr(server_args, "enable_metrics", False):
-        return None
+def _width_histogram(widths: list[int]):
+    """Prometheus histogram `sglang_dflash:verify_width` (steps per verify width) beside SGLang's own metrics,
+    for a server run with --enable-metrics (SGLang has set up prometheus_client's multiprocess directory by
+    then)."""
     from prometheus_client import Histogram
     from sglang.srt.runtime_context import get_serving
 
