@@ -176,3 +176,19 @@ def test_overlap_scheduler_tp2(tiny_pair, tiny_pair_models):
     for got in runs:
         for i, (g, w) in enumerate(zip(got, want)):
             assert g["output_ids"] == w.output_ids, f"prompt {i}"
+
+
+@pytest.mark.slow
+def test_every_verify_width_at_tp2_equals_target(tiny_pair, tiny_pair_models):
+    """The verify widths 1, 2, 4, 8, 16 in turn (SGLANG_DFLASH_ADAPTIVE=cycle) at TP 2: every rank runs rank 0's
+    width (`RankSync.width`), drafts and verifies at it; greedy output equal to the target alone."""
+    prompts = heldout_prompts()[:8]
+    want = generate(tiny_pair_models[0], None, prompts, MAX_NEW, stop_ids=frozenset())
+    s = Server(*tiny_pair, *TP2, env={**TP_ENV, "SGLANG_DFLASH_ADAPTIVE": "cycle"}).wait_ready()
+    try:
+        got = s.generate_many(prompts, MAX_NEW, concurrency=4, ignore_eos=True)
+    finally:
+        s.stop()
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g["output_ids"] == w.output_ids, f"prompt {i}"
+    assert "verify widths cycle [1, 2, 4, 8, 16]" in s.log()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 from sglang_dflash.assets import heldout_prompts
 from sglang_dflash.reference import generate
 from sglang_server import Server
@@ -32,5 +33,24 @@ def test_triton_attention_backend_under_the_interpreter(tiny_pair, tiny_pair_mod
         log = server.log()
         assert "attention backends: target TritonAttnBackend, drafter TritonAttnBackend" in log, log[-3000:]
         assert sum(r.accepted_drafts.count(0) < len(r.accepted_drafts) for r in oracle) > 0  # drafts accepted
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_triton_attention_backend_at_every_verify_width(tiny_pair, tiny_pair_models):
+    """SGLang's triton backend reads a block forward's width from its spec_info: both forwards at widths 1, 2, 4,
+    8, 16 in turn (SGLANG_DFLASH_ADAPTIVE=cycle) give the target's greedy output."""
+    target_dir, draft_dir = tiny_pair
+    server = Server(target_dir, draft_dir, "--attention-backend", "triton", "--speculative-draft-attention-backend",
+                    "triton", env={"TRITON_INTERPRET": "1", "SGLANG_DFLASH_ADAPTIVE": "cycle"})
+    try:
+        server.wait_ready()
+        prompts = heldout_prompts()[3:5]
+        want = generate(tiny_pair_models[0], None, prompts, 16)
+        got = server.generate_many(prompts, 16, concurrency=2, ignore_eos=True)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g["output_ids"] == w.output_ids, f"prompt {i}"
+        assert "verify widths cycle [1, 2, 4, 8, 16]" in server.log()
     finally:
         server.stop()
