@@ -91,15 +91,22 @@ class TestBundledPair:
 def test_plain_tp2_equals_reference(tiny_pair, tiny_pair_models):
     """SGLang without speculation at TP 2 gives the reference's target-only output on the bundled target (so
     the comparisons above are to SGLang's own TP 2 output too)."""
-    prompts = heldout_prompts()[:12]
-    want = generate(tiny_pair_models[0], None, prompts, MAX_NEW, stop_ids=frozenset())
-    s = Server(tiny_pair[0], None, *TP2, env=TP_ENV).wait_ready()
+    _assert_tp2_equals_target(tiny_pair_models[0], Server(tiny_pair[0], None, *TP2, env=TP_ENV), 12, 6)
+
+
+def _assert_tp2_equals_target(target, server: Server, n_prompts: int, concurrency: int) -> str:
+    """Greedy output of a TP 2 server (started and stopped here) on held-out prompts equal to the target alone;
+    -> the server's log."""
+    prompts = heldout_prompts()[:n_prompts]
+    want = generate(target, None, prompts, MAX_NEW, stop_ids=frozenset())
+    server.wait_ready()
     try:
-        got = s.generate_many(prompts, MAX_NEW, concurrency=6, ignore_eos=True)
+        got = server.generate_many(prompts, MAX_NEW, concurrency=concurrency, ignore_eos=True)
     finally:
-        s.stop()
+        server.stop()
     for i, (g, w) in enumerate(zip(got, want)):
         assert g["output_ids"] == w.output_ids, f"prompt {i}"
+    return server.log()
 
 
 @pytest.mark.slow
@@ -182,13 +189,5 @@ def test_overlap_scheduler_tp2(tiny_pair, tiny_pair_models):
 def test_every_verify_width_at_tp2_equals_target(tiny_pair, tiny_pair_models):
     """The verify widths 1, 2, 4, 8, 16 in turn (SGLANG_DFLASH_ADAPTIVE=cycle) at TP 2: every rank runs rank 0's
     width (`RankSync.width`), drafts and verifies at it; greedy output equal to the target alone."""
-    prompts = heldout_prompts()[:8]
-    want = generate(tiny_pair_models[0], None, prompts, MAX_NEW, stop_ids=frozenset())
-    s = Server(*tiny_pair, *TP2, env={**TP_ENV, "SGLANG_DFLASH_ADAPTIVE": "cycle"}).wait_ready()
-    try:
-        got = s.generate_many(prompts, MAX_NEW, concurrency=4, ignore_eos=True)
-    finally:
-        s.stop()
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert g["output_ids"] == w.output_ids, f"prompt {i}"
-    assert "verify widths cycle [1, 2, 4, 8, 16]" in s.log()
+    server = Server(*tiny_pair, *TP2, env={**TP_ENV, "SGLANG_DFLASH_ADAPTIVE": "cycle"})
+    assert "verify widths cycle [1, 2, 4, 8, 16]" in _assert_tp2_equals_target(tiny_pair_models[0], server, 8, 4)
