@@ -80,11 +80,16 @@ class AcceptanceModel:
 
     def expected_tokens(self, width: int) -> float:
         """E[tokens committed by one request in a step at `width`]."""
-        total, chain = 1.0, 1.0
-        for i in range(1, width):
+        return self.expected_tokens_table(width)[width]
+
+    def expected_tokens_table(self, max_width: int) -> list[float]:
+        """[_, E[tokens | 1], ..., E[tokens | max_width]] in one pass over the chain."""
+        table, total, chain = [0.0, 1.0], 1.0, 1.0
+        for i in range(1, max_width):
             chain *= self.alpha(i)
             total += chain
-        return total
+            table.append(total)
+        return table
 
 
 class CostModel:
@@ -147,11 +152,11 @@ class WidthChooser:
 
     def rates(self, bs: int) -> dict[int, float]:
         """Expected committed tokens per second per request at each width whose cost is known."""
-        out = {}
+        out, expected = {}, self.acceptance.expected_tokens_table(self.widths[-1])
         for w in self.widths:
             t = self.cost.predict(w, bs)
             if t is not None:
-                out[w] = self.acceptance.expected_tokens(w) / t
+                out[w] = expected[w] / t
         return out
 
     def choose(self, bs: int) -> int:
