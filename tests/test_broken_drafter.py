@@ -108,8 +108,8 @@ def broken(tiny_pair, tmp_path_factory):
     small.save_pretrained(root / "small_target")
     make_drafter(small, block_size=4, mask_token_id=V - 1, seed=6).save_pretrained(root / "small_draft_ok")
     small_nan = _corrupt_copy(root / "small_draft_ok", root / "small_draft_nan", _nan_in_layer_0)
-    # the NaN drafter's server chooses its verify widths (the default): it should settle on plain decode (width
-    # 1); the overflowing one drafts the full block every step (so every request meets the drafter)
+    # the NaN drafter's server chooses its verify widths (the default): it should leave the full block; the
+    # overflowing one drafts the full block every step (so every request meets the drafter)
     servers = {"nan": Server(target, nan, "--enable-metrics"),
                "overflow": Server(target, over, env={"SGLANG_DFLASH_ADAPTIVE": "0"}),
                "small": Server(root / "small_target", small_nan, "--skip-tokenizer-init")}

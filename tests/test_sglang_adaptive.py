@@ -6,7 +6,7 @@ to the target alone; the step-timing log and the Prometheus histogram name the w
 Elsewhere: sampling at a forced width 2 (chi-square, with and without penalties) in test_sglang_pairs.py; request
 features at every width in test_sglang_features.py and the overlap scheduler at every width in
 test_sglang_overlap.py (cycle servers); the adaptive default serves the other DFLASH servers, and
-test_broken_drafter.py checks it settles on plain decode when drafts never pass; the chooser's logic on synthetic
+test_broken_drafter.py checks it leaves the full block when drafts never pass; the chooser's logic on synthetic
 data is tests/test_adaptive.py."""
 
 from __future__ import annotations
