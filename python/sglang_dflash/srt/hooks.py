@@ -37,6 +37,12 @@ process, before SGLang parses its arguments. Each hook says why it exists:
    min_p and, without its CUDA sampling-verify kernel (any CPU), every non-greedy request, because its
    verify distribution cannot honour them; ours is the sampler's exact one (`stages.sampling_masks`), so
    DFLASH requests pass (other algorithms keep SGLang's check).
+10. Start-up refusals (BEFORE `sglang.srt.arg_groups.model_hook.handle_model_specific_adjustments`, the first
+    argument-resolution step that reads the target's config, in the launching process; DFLASH servers only): a
+    target family the worker cannot serve (`families.refusal`: recurrent layers, MLA off a GPU) and
+    `--speculative-draft-window-size` are refused with a message naming the reason, before SGLang's own
+    model-specific checks (on CPU they would stop a hybrid target first, with a message about Mamba cache
+    buffers) and before any scheduler starts. The worker repeats the family check on SGLang's model config.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ REQUEST_CHECK_TARGET = "sglang.srt.managers.scheduler.validate_dflash_request"
 ARGS_TARGET = "sglang.srt.arg_groups.speculative_hook._handle_dflash"
 KV_WARMUP_TARGET = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._init_kv_copy_and_warmup"
 SAMPLING_MASK_CHECK_TARGET = "sglang.srt.managers.scheduler.validate_spec_sampling_mask_request"
+MODEL_ARGS_TARGET = "sglang.srt.arg_groups.model_hook.handle_model_specific_adjustments"
 INPUT_CHECK_TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 
 
@@ -96,6 +103,33 @@ def _synchronous_unless_overlap_requested(original, server_args, *args, **kwargs
     return result
 
 
+def _check_start_args_first(server_args, *args, **kwargs):
+    from sglang.srt.arg_groups.model_override_base import resolving_view
+
+    cfg = resolving_view(server_args)
+    if cfg.speculative_algorithm == "DFLASH":
+        check_start_args(cfg)
+    return None
+
+
+def check_start_args(cfg) -> None:
+    """Hook 10's refusals, before any process starts: a target family the worker cannot serve (`families.refusal`,
+    read from the target's config as SGLang loads it) and flags it would otherwise ignore."""
+    import json
+
+    from sglang.srt.utils.hf_transformers_utils import get_config
+
+    from ..families import check_target
+
+    if cfg.speculative_draft_window_size is not None:
+        raise ValueError(f"sglang-dflash: --speculative-draft-window-size={cfg.speculative_draft_window_size} is not "
+                         "supported (the drafter attends to the whole committed context); start without it")
+    overrides = json.loads(cfg.json_model_override_args or "{}")
+    target = get_config(cfg.model_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                        model_override_args=overrides)
+    check_target(target, str(cfg.device))
+
+
 def _create_torch_native_backend(runner):
     from .attention import VerifyCapableTorchNativeBackend
 
@@ -113,6 +147,7 @@ def install() -> None:
     HookRegistry.register(WORKER_TARGET, DFlashWorker, HookType.REPLACE)
     HookRegistry.register(REQUEST_CHECK_TARGET, validate_request, HookType.REPLACE)
     HookRegistry.register(ARGS_TARGET, _synchronous_unless_overlap_requested, HookType.AROUND)
+    HookRegistry.register(MODEL_ARGS_TARGET, _check_start_args_first, HookType.BEFORE)
     HookRegistry.register(KV_WARMUP_TARGET, _skip_kv_copy_warmup_on_cpu, HookType.AROUND)
     HookRegistry.register(INPUT_CHECK_TARGET, _admit_input_then, HookType.AROUND)
     HookRegistry.register(SAMPLING_MASK_CHECK_TARGET, _sampling_masks_served, HookType.AROUND)

@@ -27,6 +27,7 @@ from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
 from .. import __version__, envs
 from ..config import check_for_sglang, check_target_model
+from ..families import check_target, recurrent_refusal
 from . import logit_rules, stages
 from .adaptive import WidthChooser, candidate_widths
 from .context import ContextWriter
@@ -67,9 +68,11 @@ class DFlashWorker(BaseSpecWorker):
         spec = get_spec()  # the resolved speculative arguments (SGLang infers B from the drafter config)
         self.block_size = int(spec.speculative_num_draft_tokens)
         self.speculative_num_draft_tokens = self.block_size
-        # the drafter's config against the target's, before any drafter weight is read
+        # the target's family (a backstop of hook 5's check) and the drafter's config against the target's text
+        # config, before any drafter weight is read
+        check_target_runner(target_runner.model_config, str(target_worker.device))
         check_for_sglang(target_runner.spec_aux_config.draft_model_config.hf_config,
-                            target_runner.model_config.hf_config, self.block_size)
+                         target_runner.model_config.hf_text_config, self.block_size)
         self.draft_parallel_layout = resolve_draft_parallel_layout(
             model_draft_parallel_spec(target_runner.spec_aux_config.draft_model_config,
                                       spec_algorithm=target_runner.spec_algorithm),
@@ -96,7 +99,7 @@ class DFlashWorker(BaseSpecWorker):
             from .hooks import keep_final_hidden_states
 
             keep_final_hidden_states(self.target_model)
-        self.draft_model.attach_target(self.target_model)
+        self.draft_model.attach_target(self.target_model, target_runner.model_config.vocab_size)
         self.write_context = ContextWriter(self.draft_model, self.draft_runner)
         self.rank_sync = RankSync(get_parallel().tp_group)  # rank 0's drafts and acceptance on every TP rank
         self.buffers: stages.StepBuffers | None = None
@@ -362,6 +365,17 @@ class DFlashWorker(BaseSpecWorker):
         batch.spec_info = BlockForwardInput(draft_token_num=ids.shape[1], positions=block.positions.flatten(),
                                             capture_hidden_mode=capture)
         return ForwardBatch.init_new(batch, runner, capture_hidden_mode=capture, return_hidden_states_before_norm=False)
+
+
+def check_target_runner(model_config, device: str) -> None:
+    """Refuse a target the worker cannot serve (`families.refusal`), SGLang's own reading of recurrent layers
+    included (its `mambaish_config`: every family whose layers keep a state SGLang tracks per request)."""
+    from sglang.srt.configs.hybrid_arch import mambaish_config
+
+    if mambaish_config(model_config) is not None:
+        raise ValueError(recurrent_refusal(model_config.hf_text_config.model_type, "SGLang serves it with a "
+                                           "recurrent-state pool (mambaish_config)"))
+    check_target(model_config.hf_config, device)
 
 
 def _width_histogram(widths: list[int]):

@@ -69,8 +69,12 @@ class DFlashDraftModel(nn.Module):
                         self.drafter.layers[0].mlp.gate_proj.weight.shape[0], c.intermediate_size)
 
     # -- the target's frozen embedding and lm_head (the drafter has neither) ---------------------
-    def attach_target(self, target_model: nn.Module) -> None:
-        self._target = [target_model]  # a list: not a submodule, so no weights are loaded or owned
+    def attach_target(self, target_model: nn.Module, vocab_size: int) -> None:
+        """The target whose input embedding and lm_head the drafter uses; `vocab_size` its vocabulary (the
+        model config's: composite targets keep it in their text config)."""
+        # in a list: not submodules, so no weights are loaded or owned
+        self._target = [target_model, target_model.get_input_embeddings()]
+        self._vocab_size = vocab_size
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """drafter hidden [..., H] -> logits [..., V] float32 through the target's lm_head, the whole vocabulary on
@@ -79,7 +83,7 @@ class DFlashDraftModel(nn.Module):
         SGLang pads the lm_head's rows to a multiple of 64; the padding rows are cut off, as SGLang's own
         LogitsProcessor does, so no draft can name a token outside the vocabulary."""
         target = self._target[0]
-        return vocab_logits(hidden, target.lm_head, target.config.vocab_size)
+        return vocab_logits(hidden, target.lm_head, self._vocab_size)
 
     # -- context: target hidden states -> drafter K/V (written by the worker) -----------------
     def project(self, target_hidden: torch.Tensor) -> torch.Tensor:
@@ -117,7 +121,7 @@ class DFlashDraftModel(nn.Module):
         """Embedded here with the target's embedding (SGLang would cast passed input_embeds to bf16)."""
         from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 
-        h = self._target[0].model.embed_tokens(input_ids).to(self.drafter.fc.weight.dtype)[None]  # [1, n, H]
+        h = self._target[1](input_ids).to(self.drafter.fc.weight.dtype)[None]  # [1, n, H]
         n = h.shape[1]
         for layer, attn in zip(self.drafter.layers, self.attn):
             def attend(q, k, v, attn=attn):  # the block's K/V go to the pool; attention sees context + block

@@ -1,0 +1,95 @@
+"""Target families: which targets the DFLASH worker serves, and a refusal naming the reason for the rest.
+
+The worker's rollback of a rejected draft is free only when a target's decode state is its attention KV cache:
+the rejected tokens' slots are simply overwritten later. A target with RECURRENT layers (Gated DeltaNet linear
+attention in Qwen3-Next / Qwen3.5 / Qwen3.6 / Qwen3-Coder-Next, Mamba, KDA, lightning attention) advances a
+per-request state over every token of the verify block, accepted or not; committing only the accepted prefix
+needs the state after that prefix (SGLang's "mamba track"), which this worker does not keep yet. Serving such a
+target would give WRONG output, so it is refused before anything starts.
+
+Multi-head latent attention (MLA: DeepSeek-V3, Kimi-K2 / K2.5) has no CPU attention backend in SGLang 0.5.23, so it
+is refused on CPU; on a GPU it is served through SGLang's own MLA backend, unverified so far (docs/gpu.md).
+
+Everything here reads an HF config (a `PretrainedConfig` or its dict); nothing imports SGLang.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# layer kinds an HF `layer_types` list may name whose state is only the attention KV cache
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention", "chunked_attention"})
+# model types whose layers keep a recurrent state (SGLang 0.5.23's `mambaish_config` families), for configs that
+# do not list `layer_types`
+RECURRENT_MODEL_TYPES = frozenset({
+    "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "kimi_linear", "nemotron_h",
+    "falcon_h1", "lfm2", "lfm2_moe", "mamba", "mamba2", "falcon_mamba", "zamba", "zamba2", "jet_nemotron",
+    "bailing_hybrid", "minicpm_hybrid",
+})
+# config fields only recurrent layers have
+RECURRENT_FIELDS = ("linear_num_value_heads", "linear_conv_kernel_dim", "mamba_d_state", "ssm_state_size",
+                    "linear_attn_config", "mamba2_cache_params")
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """An HF config or a dict -> a plain dict (nested configs as dicts)."""
+    if isinstance(config, dict):
+        return config
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise TypeError(f"expected an HF PretrainedConfig or a dict, got {type(config).__name__}")
+
+
+def text_config(config: Any) -> dict[str, Any]:
+    """The language model's config of a target: the config itself, or its `text_config` (Qwen3.5 / Qwen3.6,
+    Kimi-K2.5 and other multimodal composites keep the decoder's fields there, as transformers'
+    `get_text_config()` does)."""
+    raw = as_dict(config)
+    for key in ("text_config", "language_config", "llm_config"):
+        inner = raw.get(key)
+        if isinstance(inner, dict) and "hidden_size" in inner:
+            return inner
+        if inner is not None and hasattr(inner, "to_dict"):
+            return inner.to_dict()
+    return raw
+
+
+def recurrent_layers(text: dict[str, Any]) -> str | None:
+    """What makes a target's layers recurrent (a phrase for the refusal), or None when every layer is attention."""
+    kinds = sorted({t for t in text.get("layer_types") or () if t not in ATTENTION_LAYER_TYPES})
+    if kinds:
+        return f"layer_types {kinds}"
+    fields = [f for f in RECURRENT_FIELDS if text.get(f) is not None]
+    if fields:
+        return f"recurrent-state fields {fields}"
+    if text.get("model_type") in RECURRENT_MODEL_TYPES:
+        return f"model_type {text['model_type']!r}"
+    return None
+
+
+def recurrent_refusal(model_type: str, why: str) -> str:
+    return (f"sglang-dflash: target model_type {model_type!r} has recurrent (linear-attention / state-space) layers "
+            f"({why}); the verify forward advances their state over every draft token and this worker does not yet "
+            "roll it back to the accepted prefix, so it would serve wrong output. Serve this target without "
+            "speculation (or with SGLang's own DFLASH: SGLANG_PLUGINS=<other plugins> leaves ours out)")
+
+
+def refusal(target_config: Any, device: str) -> str | None:
+    """Why the worker cannot serve this target on `device` (a sentence naming the reason), or None."""
+    text = text_config(target_config)
+    name = text.get("model_type") or as_dict(target_config).get("model_type") or "?"
+    recurrent = recurrent_layers(text)
+    if recurrent is not None:
+        return recurrent_refusal(name, recurrent)
+    if text.get("kv_lora_rank") is not None and not str(device).startswith("cuda"):
+        return (f"sglang-dflash: target model_type {name!r} uses multi-head latent attention (kv_lora_rank="
+                f"{text['kv_lora_rank']}), which no SGLang 0.5.23 attention backend runs on device {device!r}; "
+                "serve it on a GPU")
+    return None
+
+
+def check_target(target_config: Any, device: str) -> None:
+    """Raise ValueError with `refusal`'s reason when the worker cannot serve this target."""
+    reason = refusal(target_config, device)
+    if reason is not None:
+        raise ValueError(reason)
