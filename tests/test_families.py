@@ -52,8 +52,24 @@ def test_dense_targets_pass():
                                                          "original_max_position_embeddings": 8192}),
                 Qwen3MoeConfig()):
         assert refusal(cfg, "cpu") is None, type(cfg).__name__
-    # gpt-oss style: sliding and full attention layers only keep KV
-    assert refusal({"model_type": "gpt_oss", "layer_types": ["sliding_attention", "full_attention"]}, "cpu") is None
+    # sliding and full attention layers keep only KV
+    assert refusal({"model_type": "gemma3_text", "layer_types": ["sliding_attention", "full_attention"]}, "cpu") is None
+
+
+def test_attention_sinks_refused_off_a_gpu():
+    gpt_oss = {"model_type": "gpt_oss", "layer_types": ["sliding_attention", "full_attention"]}
+    assert "attention sinks" in refusal(gpt_oss, "cpu") and "'cpu'" in refusal(gpt_oss, "cpu")
+    assert refusal(gpt_oss, "cuda") is None
+
+
+def test_torch_native_attention_refuses_inputs_it_does_not_implement():
+    """Our CPU attention once dropped gpt-oss's `sinks` in prefill (a different attention, silently)."""
+    from sglang_dflash.srt.attention import VerifyCapableTorchNativeBackend
+
+    backend = object.__new__(VerifyCapableTorchNativeBackend)
+    for forward in (backend.forward_extend, backend.forward_decode):
+        with pytest.raises(NotImplementedError, match="'sinks'"):
+            forward(None, None, None, None, None, sinks=object())
 
 
 @pytest.mark.parametrize("make,words", [

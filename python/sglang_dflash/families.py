@@ -7,8 +7,9 @@ per-request state over every token of the verify block, accepted or not; committ
 needs the state after that prefix (SGLang's "mamba track"), which this worker does not keep yet. Serving such a
 target would give WRONG output, so it is refused before anything starts.
 
-Multi-head latent attention (MLA: DeepSeek-V3, Kimi-K2 / K2.5) has no CPU attention backend in SGLang 0.5.23, so it
-is refused on CPU; on a GPU it is served through SGLang's own MLA backend, unverified so far (docs/gpu.md).
+Multi-head latent attention (MLA: DeepSeek-V3, Kimi-K2 / K2.5) and attention sinks (gpt-oss) have no CPU attention
+backend in SGLang 0.5.23, so they are refused on CPU; on a GPU they are served through SGLang's own attention backends,
+unverified so far (docs/gpu.md).
 
 Everything here reads an HF config (a `PretrainedConfig` or its dict); nothing imports SGLang.
 """
@@ -26,6 +27,8 @@ RECURRENT_MODEL_TYPES = frozenset({
     "falcon_h1", "lfm2", "lfm2_moe", "mamba", "mamba2", "falcon_mamba", "zamba", "zamba2", "jet_nemotron",
     "bailing_hybrid", "minicpm_hybrid",
 })
+# model types whose attention has per-head sinks (an extra logit in every softmax denominator)
+SINK_MODEL_TYPES = frozenset({"gpt_oss"})
 # config fields only recurrent layers have
 RECURRENT_FIELDS = ("linear_num_value_heads", "linear_conv_kernel_dim", "mamba_d_state", "ssm_state_size",
                     "linear_attn_config", "mamba2_cache_params")
@@ -81,6 +84,10 @@ def refusal(target_config: Any, device: str) -> str | None:
     recurrent = recurrent_layers(text)
     if recurrent is not None:
         return recurrent_refusal(name, recurrent)
+    if text.get("model_type") in SINK_MODEL_TYPES and not str(device).startswith("cuda"):
+        return (f"sglang-dflash: target model_type {name!r} uses attention sinks, which SGLang 0.5.23's torch_native "
+                f"attention backend does not implement, so no attention backend serves it on device {device!r}; "
+                "serve it on a GPU")
     if text.get("kv_lora_rank") is not None and not str(device).startswith("cuda"):
         return (f"sglang-dflash: target model_type {name!r} uses multi-head latent attention (kv_lora_rank="
                 f"{text['kv_lora_rank']}), which no SGLang 0.5.23 attention backend runs on device {device!r}; "

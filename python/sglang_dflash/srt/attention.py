@@ -25,6 +25,7 @@ class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
     _layout: tuple = ()
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        _refuse_unknown(kwargs)
         fb = forward_batch
         if not fb.forward_mode.is_target_verify():
             return super().forward_extend(q, k, v, layer, fb, save_kv_cache)
@@ -50,6 +51,10 @@ class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
         o_.copy_(out.transpose(1, 2).reshape(bs * B, nh, layer.v_head_dim))
         return o
 
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        _refuse_unknown(kwargs)
+        return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+
     def _verify_layout(self, fb, B: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """All requests padded to T = max(L_i + B) keys: the KV slots to read [bs, T] and the visibility mask
         [bs, 1, B, T]. Computed once per forward (the first layer's call) and reused by the others.
@@ -72,3 +77,11 @@ class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
             mask = mask & (pos[None, None, :] <= (prefix[:, None] + torch.arange(B, device=dev))[:, :, None])
         self._layout_for, self._layout = (fb, causal), (slots, mask[:, None])
         return self._layout
+
+
+def _refuse_unknown(kwargs: dict) -> None:
+    """An attention input this backend does not implement (gpt-oss `sinks`, ...) fails loudly: dropping it would
+    compute a different attention (the stock backend raises a TypeError for any extra argument)."""
+    given = sorted(k for k, v in kwargs.items() if v is not None)
+    if given:
+        raise NotImplementedError(f"torch_native attention: {given} not supported")
