@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from conftest import make_drafter, make_target
-from sglang_dflash.drafter import DFlashDrafter
+from sglang_dflash.drafter import DFlashDrafter, Rotary
 
 
 def naive_rms(x, w, eps=1e-6):
@@ -192,3 +192,106 @@ def test_loads_the_z_lab_qwen3_4b_config_with_an_extra_tensor(tmp_path, caplog):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing tensors \['layers.2.self_attn.k_norm.weight'\]"):
         DFlashDrafter.from_pretrained(tmp_path, dtype=torch.bfloat16)
+
+
+ROPES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    # Kimi-K2.5 / DeepSeek style: mscale fields (attention factor 1 when they are equal)
+    "yarn_mscale": {"rope_type": "yarn", "factor": 64.0, "original_max_position_embeddings": 8, "mscale": 1.0,
+                    "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
+    # gpt-oss style: truncate off
+    "yarn_no_truncate": {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 16,
+                         "truncate": False, "beta_fast": 32.0, "beta_slow": 1.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("name", list(ROPES))
+def test_rope_matches_transformers(name):
+    """The drafter's RoPE (any scaling a z-lab config may carry) against transformers' own: its rope init, its
+    Qwen3 rotary embedding and apply_rotary_pos_emb, on positions past the original context."""
+    from sglang_dflash.config import DFlashConfig
+    from test_config import ZLAB_4B
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding, apply_rotary_pos_emb
+
+    raw = {**ZLAB_4B, "max_position_embeddings": 512}
+    if ROPES[name] is not None:
+        raw["rope_parameters"] = {**ROPES[name], "rope_theta": 1e6}
+    cfg = DFlashConfig.from_dict(raw)
+    assert (cfg.rope_parameters is None) == (name == "default")
+    ours = Rotary(cfg)
+    hf = Qwen3Config(hidden_size=2560, num_attention_heads=32, head_dim=128, max_position_embeddings=512,
+                     rope_parameters={**(ROPES[name] or {"rope_type": "default"}), "rope_theta": 1e6})
+    x = torch.randn(2, 7, 3, 128)  # [bs, n, heads, hd]
+    pos = torch.tensor([[0, 1, 5, 100, 300, 511, 77], [3, 4, 9, 64, 65, 200, 400]])
+    cos, sin = Qwen3RotaryEmbedding(hf)(x, pos)
+    want, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
+    torch.testing.assert_close(ours(x, pos), want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    assert ours.attention_factor != 1.0 or name not in ("yarn", "yarn_no_truncate")
+
+
+def test_rope_types_that_depend_on_length_refused():
+    from sglang_dflash.config import DFlashConfig
+    from test_config import ZLAB_4B
+
+    for rope_type in ("dynamic", "longrope"):
+        with pytest.raises(ValueError, match=f"rope_type='{rope_type}'"):
+            DFlashConfig.from_dict({**ZLAB_4B, "rope_scaling": {"type": rope_type, "factor": 2.0}})
+
+
+def test_sliding_window_and_causal_layers():
+    """A sliding-window layer sees the `sliding_window` latest positions up to its query's own (causal by default);
+    keys outside it do not move the output, keys inside do; a window wider than everything, non-causal, is the
+    full layer."""
+    import dataclasses
+
+    target = make_target()
+    full = make_drafter(target, layers=2, block_size=4)
+    cfg = dataclasses.replace(full.cfg, layer_types=("sliding_attention", "full_attention"), sliding_window=6)
+    assert cfg.layer_attention(0) == (True, 5) and cfg.layer_attention(1) == (False, -1)
+    slid = DFlashDrafter(cfg).eval()
+    slid.load_state_dict(full.state_dict())
+    C = 12
+    feats = torch.randn(1, C, full.cfg.num_target_features * 32)
+    pos, bpos = torch.arange(C)[None], torch.arange(C, C + 4)[None]
+    emb = torch.randn(1, 4, 32)
+
+    def run(d, f):
+        with torch.no_grad():
+            return d(emb, bpos, d.context_kv(d.project(f), pos))
+
+    base = run(slid, feats)
+    far, near = feats.clone(), feats.clone()
+    far[0, 0] += 3.0  # position 0: outside every block query's window in layer 0 (but seen by the full layer 1)
+    near[0, C - 1] += 3.0
+    assert (run(slid, near) - base).abs().max() > 1e-3
+    # layer 1 (full) still sees position 0, so compare a one-layer sliding drafter for the "outside" claim
+    one = dataclasses.replace(cfg, num_hidden_layers=1, layer_types=("sliding_attention",))
+    d1 = DFlashDrafter(one).eval()
+    d1.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("layers.1.")})
+    torch.testing.assert_close(run(d1, far), run(d1, feats))
+    assert (run(d1, near) - run(d1, feats)).abs().max() > 1e-3
+    wide = dataclasses.replace(cfg, sliding_window=10**6, is_causal=False)
+    same = DFlashDrafter(wide).eval()
+    same.load_state_dict(full.state_dict())
+    torch.testing.assert_close(run(same, feats), run(full, feats))
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"layer_types": ["sliding_attention"] * 5}, ["sliding_window=None", "use_sliding_window"]),
+    ({"layer_types": ["full_attention"] * 4}, ["layer_types", "(5)"]),
+    ({"layer_types": ["linear_attention"] * 5}, ["layer_types", "'linear_attention'"]),
+    ({"hidden_act": "nope"}, ["hidden_act='nope'"]),
+])
+def test_drafter_layer_config_errors(changes, words):
+    from sglang_dflash.config import DFlashConfig
+    from test_config import ZLAB_4B
+
+    with pytest.raises(ValueError) as e:
+        DFlashDrafter(DFlashConfig.from_dict({**ZLAB_4B, **changes}))
+    missing = [w for w in words if w not in str(e.value)]
+    assert not missing, str(e.value)

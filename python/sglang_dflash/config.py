@@ -8,7 +8,7 @@ then `target_layer_ids` is spread evenly over the target (`default_target_layer_
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,16 @@ class DFlashConfig:
     num_target_layers: int
     attention_bias: bool = False
     vocab_size: int | None = None
-    rope_scaling: dict[str, Any] | None = field(default=None, compare=False)
+    # RoPE scaling as transformers' `rope_parameters` without rope_theta (rope_type yarn / llama3 / linear and its
+    # fields); None = plain RoPE at rope_theta
+    rope_parameters: dict[str, Any] | None = None
+    hidden_act: str = "silu"
+    # per drafter layer "full_attention" or "sliding_attention" (None: every layer full); a sliding layer sees the
+    # `sliding_window` most recent positions up to its own (HF's window, the token itself included)
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
+    # None: full layers non-causal (DFlash), sliding layers causal (SGLang 0.5.23's reading); True / False forces all
+    is_causal: bool | None = None
 
     def __post_init__(self) -> None:
         positive = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -68,6 +77,31 @@ class DFlashConfig:
                 )
         if not isinstance(self.mask_token_id, int) or self.mask_token_id < 0:
             raise ValueError(f"DFlash config: mask_token_id={self.mask_token_id!r}, expected an integer >= 0")
+        if self.rope_parameters is not None:
+            rope_type = self.rope_parameters.get("rope_type")
+            if rope_type not in POSITION_ONLY_ROPE_TYPES:
+                raise ValueError(f"DFlash config: rope_type={rope_type!r}, expected one of "
+                                 f"{sorted(POSITION_ONLY_ROPE_TYPES)} (RoPE that depends on the position alone)")
+            if self.rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
+                raise ValueError(f"DFlash config: partial_rotary_factor={self.rope_parameters['partial_rotary_factor']}"
+                                 ", expected 1.0 (RoPE over the whole head)")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= LAYER_TYPES:
+                raise ValueError(f"DFlash config: layer_types={list(self.layer_types)}, expected one of "
+                                 f"{sorted(LAYER_TYPES)} per drafter layer ({self.num_hidden_layers})")
+            window = self.sliding_window
+            if "sliding_attention" in self.layer_types and (not isinstance(window, int) or window < 1):
+                raise ValueError(f"DFlash config: sliding_window={window!r}, expected a positive integer for the "
+                                 "sliding_attention layers (transformers' Qwen3Config keeps sliding_window only "
+                                 "with use_sliding_window: true)")
+
+    def layer_attention(self, i: int) -> tuple[bool, int]:
+        """Drafter layer i's attention: (causal, window_left), window_left = -1 for no window, else the positions
+        before a query's own it sees (SGLang's window_left: `sliding_window` - 1)."""
+        kind = "full_attention" if self.layer_types is None else self.layer_types[i]
+        if kind == "sliding_attention":
+            return (True if self.is_causal is None else self.is_causal), self.sliding_window - 1
+        return bool(self.is_causal), -1
 
     @property
     def num_target_features(self) -> int:
@@ -100,6 +134,9 @@ class DFlashConfig:
         if bs is None:
             raise ValueError("DFlash config: no block_size (expected block_size or dflash_config.block_size)")
         heads = raw["num_attention_heads"]
+        layer_types = raw.get("layer_types")
+        if layer_types is not None and list(layer_types) == ["full_attention"] * num_layers:
+            layer_types = None  # the default, as z-lab configs spell it out
         return cls(
             hidden_size=raw["hidden_size"],
             intermediate_size=raw["intermediate_size"],
@@ -109,6 +146,11 @@ class DFlashConfig:
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(_rope_theta(raw)),
+            rope_parameters=rope_parameters(raw),
+            hidden_act=raw.get("hidden_act") or "silu",
+            layer_types=None if layer_types is None else tuple(layer_types),
+            sliding_window=raw.get("sliding_window"),
+            is_causal=raw.get("is_causal"),
             max_position_embeddings=raw.get("max_position_embeddings", 32768),
             block_size=bs,
             target_layer_ids=tuple(ids),
@@ -116,7 +158,6 @@ class DFlashConfig:
             num_target_layers=num_target_layers,
             attention_bias=bool(raw.get("attention_bias", False)),
             vocab_size=raw.get("vocab_size"),
-            rope_scaling=raw.get("rope_scaling"),
         )
 
     @classmethod
@@ -148,8 +189,8 @@ class DFlashConfig:
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
             "attention_bias": self.attention_bias,
-            "hidden_act": "silu",
-            "layer_types": ["full_attention"] * self.num_hidden_layers,
+            "hidden_act": self.hidden_act,
+            "layer_types": list(self.layer_types or ["full_attention"] * self.num_hidden_layers),
             "block_size": self.block_size,
             "num_target_layers": self.num_target_layers,
             "dflash_config": {
@@ -160,8 +201,12 @@ class DFlashConfig:
         }
         if self.vocab_size is not None:
             out["vocab_size"] = self.vocab_size
-        if self.rope_scaling is not None:
-            out["rope_scaling"] = self.rope_scaling
+        if self.rope_parameters is not None:
+            out["rope_parameters"] = {**self.rope_parameters, "rope_theta": self.rope_theta}
+        if self.sliding_window is not None:  # transformers' Qwen3Config drops it without use_sliding_window
+            out.update(sliding_window=self.sliding_window, use_sliding_window=True)
+        if self.is_causal is not None:
+            out["is_causal"] = self.is_causal
         return out
 
     def validate_against_target(self, target: Any) -> None:
@@ -210,6 +255,24 @@ def check_target_model(target_model: Any) -> None:
             f"DFlash: target model class {type(target_model).__name__} cannot capture hidden states "
             "(it has no set_dflash_layers_to_capture); use a target such as Qwen3 or Llama"
         )
+
+
+# RoPE types whose rotation depends on the position alone (transformers' ROPE_INIT_FUNCTIONS names); "dynamic" and
+# "longrope" also depend on the sequence length and are refused
+POSITION_ONLY_ROPE_TYPES = frozenset({"linear", "yarn", "llama3"})
+LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+
+def rope_parameters(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The RoPE scaling of an HF config, from transformers 5's `rope_parameters` or the older `rope_scaling` (`type`
+    read as `rope_type`), without rope_theta; None for plain RoPE."""
+    params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    if "type" in params:
+        params.setdefault("rope_type", params.pop("type"))
+    params.pop("rope_theta", None)
+    if params.get("rope_type", "default") == "default":
+        return None
+    return params
 
 
 def _rope_theta(raw: dict[str, Any]) -> float:

@@ -43,29 +43,60 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Neox-style rotary embedding (Qwen3's), cos/sin computed on the fly for given positions."""
+    """Neox-style rotary embedding (Qwen3's), cos/sin computed on the fly for given positions. RoPE scaling (yarn,
+    llama3, linear: `cfg.rope_parameters`) comes from transformers' own `ROPE_INIT_FUNCTIONS`: the frequencies and
+    the attention factor that scales cos and sin, as the z-lab reference (transformers' Qwen3 rotary) computes them."""
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, cfg: DFlashConfig) -> None:
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
+        self.cfg = cfg
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2, dtype=torch.float32), persistent=False)
+        self.attention_factor = 1.0
         self.reset()
 
     def reset(self) -> None:
         """(Re)compute inv_freq [hd/2], always float32 whatever the model's dtype (also after the module was
         built on the meta device or cast)."""
-        hd = self.head_dim
-        exponents = torch.arange(0, hd, 2, dtype=torch.float32, device=self.inv_freq.device) / hd
-        self.inv_freq = 1.0 / (self.theta**exponents)
+        with torch.device("cpu"):  # also when the module is built under a meta-device context
+            inv_freq, self.attention_factor = rope_frequencies(self.cfg)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [bs, n, heads, hd], positions [bs, n] int64 -> x rotated, same shape and dtype."""
         freqs = positions[..., None].float() * self.inv_freq  # [bs, n, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [bs, n, 1, hd]
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
         x1, x2 = x.float().chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def rope_frequencies(cfg: DFlashConfig) -> tuple[torch.Tensor, float]:
+    """-> (inv_freq [hd/2] float32 on the CPU, attention factor): plain RoPE at rope_theta, or transformers' init
+    function for `cfg.rope_parameters` run on an equivalent Qwen3 config."""
+    hd = cfg.head_dim
+    if cfg.rope_parameters is None:
+        return 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)), 1.0
+    from transformers import Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {**cfg.rope_parameters, "rope_theta": cfg.rope_theta}
+    hf = Qwen3Config(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads, head_dim=hd,
+                     max_position_embeddings=cfg.max_position_embeddings, rope_parameters=params)
+    inv_freq, factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf, "cpu")
+    return inv_freq.float(), float(factor)
+
+
+def visible_keys(key_positions: torch.Tensor, positions: torch.Tensor, causal: bool, window_left: int) -> torch.Tensor:
+    """Which keys each block query sees in a layer: key_positions [bs, T], positions [bs, n] -> [bs, n, T] bool.
+    Causal: keys at or before the query's position; a window: keys at most `window_left` positions before it."""
+    diff = positions[:, :, None] - key_positions[:, None, :]  # query position - key position
+    seen = torch.ones_like(diff, dtype=torch.bool)
+    if causal:
+        seen &= diff >= 0
+    if window_left >= 0:
+        seen &= diff <= window_left
+    return seen
 
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -142,12 +173,18 @@ class DrafterAttention(nn.Module):
 class DrafterMLP(nn.Module):
     def __init__(self, cfg: DFlashConfig, linears: Linears) -> None:
         super().__init__()
+        from transformers.activations import ACT2FN
+
+        if cfg.hidden_act not in ACT2FN:
+            raise ValueError(f"DFlash config: hidden_act={cfg.hidden_act!r}, expected one of transformers' "
+                             f"activations ({', '.join(sorted(ACT2FN))})")
+        self.act = ACT2FN[cfg.hidden_act]
         self.gate_proj = linears.column(cfg.hidden_size, cfg.intermediate_size, False)
         self.up_proj = linears.column(cfg.hidden_size, cfg.intermediate_size, False)
         self.down_proj = linears.row(cfg.intermediate_size, cfg.hidden_size, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DrafterLayer(nn.Module):
@@ -173,7 +210,7 @@ class DFlashDrafter(nn.Module):
         super().__init__()
         self.cfg = cfg
         linears = linears or Linears()
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg)
         self.layers = nn.ModuleList(DrafterLayer(cfg, self.rotary, linears) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.fc = nn.Linear(cfg.num_target_features * cfg.hidden_size, cfg.hidden_size, bias=False)
@@ -195,11 +232,24 @@ class DFlashDrafter(nn.Module):
         positions: torch.Tensor,  # [bs, Q] int64 absolute positions of the block
         ctx_kv: list[tuple[torch.Tensor, torch.Tensor]],  # per layer [bs, C, nkv, hd] each
         mask: torch.Tensor | None = None,  # [bs, Q, C + Q] bool, None = everything visible
+        ctx_positions: torch.Tensor | None = None,  # [bs, C] int64; None = 0..C-1
     ) -> torch.Tensor:
-        """-> drafter hidden [bs, Q, H] after the final norm."""
+        """-> drafter hidden [bs, Q, H] after the final norm. A causal or sliding-window layer
+        (`cfg.layer_attention`) also hides the keys its positions rule out."""
         h = block_embeds
-        for layer, (k, v) in zip(self.layers, ctx_kv):
-            h = layer(h, positions, sdpa_over_context(k, v, mask))
+        keys = None
+        for i, (layer, (k, v)) in enumerate(zip(self.layers, ctx_kv)):
+            layer_mask = mask
+            causal, window_left = self.cfg.layer_attention(i)
+            if causal or window_left >= 0:
+                if keys is None:
+                    C = k.shape[1]
+                    ctx = torch.arange(C, device=positions.device).expand(positions.shape[0], C) \
+                        if ctx_positions is None else ctx_positions
+                    keys = torch.cat([ctx, positions], dim=1)  # [bs, C + Q]
+                seen = visible_keys(keys, positions, causal, window_left)
+                layer_mask = seen if mask is None else mask & seen
+            h = layer(h, positions, sdpa_over_context(k, v, layer_mask))
         return self.norm(h)
 
     # ------------------------------------------------------------------------------------------

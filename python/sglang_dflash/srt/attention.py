@@ -29,8 +29,12 @@ class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
         fb = forward_batch
         if not fb.forward_mode.is_target_verify():
             return super().forward_extend(q, k, v, layer, fb, save_kv_cache)
-        if layer.is_cross_attention or (layer.sliding_window_size or -1) > -1:
-            raise NotImplementedError("torch_native TARGET_VERIFY: cross or sliding-window attention")
+        window = layer.sliding_window_size if layer.sliding_window_size is not None else -1
+        if layer.is_cross_attention:
+            raise NotImplementedError("torch_native TARGET_VERIFY: cross attention")
+        if window > -1 and hasattr(self.token_to_kv_pool, "translate_loc_from_full_to_swa"):
+            raise NotImplementedError("torch_native TARGET_VERIFY: sliding-window layers in a hybrid SWA KV pool "
+                                      "(start with --disable-hybrid-swa-memory)")
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, self.swa_out_cache_loc), k, v)
         B = fb.spec_info.draft_token_num
@@ -41,7 +45,7 @@ class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
         o_ = o.view(-1, nh, layer.v_head_dim)
         k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_buf = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        slots, mask = self._verify_layout(fb, B, causal)  # [bs, T], [bs, 1, B, T]: the same for every layer
+        slots, mask = self._verify_layout(fb, B, causal, window)  # [bs, T], [bs, 1, B, T]: shared by like layers
         bs = slots.shape[0]
         key = k_buf[slots].to(q.dtype).transpose(1, 2)  # [bs, nkv, T, hd]
         val = v_buf[slots].to(q.dtype).transpose(1, 2)
@@ -55,12 +59,13 @@ class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
         _refuse_unknown(kwargs)
         return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
 
-    def _verify_layout(self, fb, B: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _verify_layout(self, fb, B: int, causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All requests padded to T = max(L_i + B) keys: the KV slots to read [bs, T] and the visibility mask
-        [bs, 1, B, T]. Computed once per forward (the first layer's call) and reused by the others.
+        [bs, 1, B, T]. Computed once per forward and layer kind (causal, window) and reused by the layers of that kind.
         Padding reads slot 0 and is masked out: masked keys get zero weight, so their (finite) values
-        never reach the output."""
-        if self._layout_for is not None and self._layout_for[0] is fb and self._layout_for[1] == causal:
+        never reach the output. A sliding window (SGLang's window_left) hides keys more than `window` positions
+        before the query."""
+        if self._layout_for is not None and self._layout_for[0] is fb and self._layout_for[1:] == (causal, window):
             return self._layout
         prefix = fb.seq_lens.long()  # [bs] committed lengths L_i
         keys = getattr(fb, "seq_lens_cpu", None)  # [bs] L_i + B on the host (`stages.set_block_key_lengths`)
@@ -73,9 +78,12 @@ class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
         slots = self.req_to_token_pool.req_to_token[fb.req_pool_indices.long()[:, None], cols[None, :]].long()
         slots = torch.where(valid, slots, torch.zeros_like(slots))
         mask = valid[:, None, :].expand(-1, B, T)
-        if causal:  # query j of request i sits at position L_i + j
-            mask = mask & (pos[None, None, :] <= (prefix[:, None] + torch.arange(B, device=dev))[:, :, None])
-        self._layout_for, self._layout = (fb, causal), (slots, mask[:, None])
+        query_pos = (prefix[:, None] + torch.arange(B, device=dev))[:, :, None]  # query j of request i: L_i + j
+        if causal:
+            mask = mask & (pos[None, None, :] <= query_pos)
+        if window > -1:
+            mask = mask & (pos[None, None, :] >= query_pos - window)
+        self._layout_for, self._layout = (fb, causal, window), (slots, mask[:, None])
         return self._layout
 
 

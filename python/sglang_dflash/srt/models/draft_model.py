@@ -3,7 +3,9 @@
 It IS the reference drafter (`sglang_dflash.drafter.DFlashDrafter`: one layer definition, so the two agree
 to float rounding), run with a different attention seam: SGLang's `RadixAttention` with
 `AttentionType.ENCODER_ONLY`, so every attention backend attends NON-causally over the request's whole KV
-(context K/V written by the worker's `ContextWriter` + the block's own K/V written by this forward).
+(context K/V written by the worker's `ContextWriter` + the block's own K/V written by this forward); a drafter whose
+config makes a layer causal or sliding-window (`DFlashConfig.layer_attention`) gets that layer's RadixAttention built
+so (`AttentionType.DECODER`, `sliding_window_size`), as the reference drafter masks it.
 Its projections are SGLang's tensor-parallel layers (`srt/parallel.ShardedLinears`): under `--tp-size N`
 each rank holds and computes its share of the heads and MLP channels (plain linears at N = 1).
 
@@ -56,11 +58,14 @@ class DFlashDraftModel(nn.Module):
         self.drafter = DFlashDrafter(self.cfg, linears)
         c, attn0 = self.cfg, self.drafter.layers[0].self_attn
         self.num_local_kv_heads = attn0.nkv  # this rank's KV heads: its drafter pool's and context writer's
-        self.attn = nn.ModuleList(
-            RadixAttention(attn0.nh, c.head_dim, c.head_dim**-0.5, num_kv_heads=attn0.nkv,
-                           layer_id=i, attn_type=AttentionType.ENCODER_ONLY, prefix=f"{prefix}attn.{i}")
-            for i in range(c.num_hidden_layers)
-        )
+        def attention(i: int) -> RadixAttention:  # non-causal unless the layer is causal; its window, if any
+            causal, window_left = c.layer_attention(i)
+            return RadixAttention(attn0.nh, c.head_dim, c.head_dim**-0.5, num_kv_heads=attn0.nkv, layer_id=i,
+                                  sliding_window_size=window_left,
+                                  attn_type=AttentionType.DECODER if causal else AttentionType.ENCODER_ONLY,
+                                  prefix=f"{prefix}attn.{i}")
+
+        self.attn = nn.ModuleList(attention(i) for i in range(c.num_hidden_layers))
         self._stacked: tuple | None = None  # stacked_kv() cache; not parameters, so never loaded or saved
         if linears.tp_size > 1:
             logger.info("sglang-dflash: drafter sharded over %d tensor-parallel ranks: this rank (%d) holds %d of %d "
@@ -96,7 +101,8 @@ class DFlashDraftModel(nn.Module):
         return [(k[0], v[0]) for k, v in self.drafter.context_kv(context[None], positions[None])]
 
     def stacked_kv(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Every layer's k_proj / v_proj as one weight [L*2*nkv*hd, H] (+ bias) and the k_norm weights [L, hd],
+        """Every layer's k_proj / v_proj as one weight [L*2*nkv*hd, H] (+ bias) and the k_norm weights [L, hd] (times
+        RoPE's attention factor),
         nkv = this rank's KV heads (the local shards of k_proj / v_proj),
         for kernel `context_kv`. Built on first use (one extra copy of the K/V projections, 52 MB at
         Qwen3-4B-DFlash shapes in bf16) and dropped when weights are (re)loaded."""
@@ -105,7 +111,9 @@ class DFlashDraftModel(nn.Module):
 
             layers = self.drafter.layers
             w, b = stack_kv_projection(layers)
-            self._stacked = (w, b, torch.stack([ly.self_attn.k_norm.weight for ly in layers]))
+            # RoPE's attention factor (yarn) scales cos and sin, so the rotated k: folded into the k_norm weights
+            factor = self.drafter.rotary.attention_factor
+            self._stacked = (w, b, torch.stack([ly.self_attn.k_norm.weight for ly in layers]) * factor)
         return self._stacked
 
     # -- the block forward ---------------------------------------------------------------------
