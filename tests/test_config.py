@@ -111,3 +111,14 @@ def test_bad_directory(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         DFlashConfig.from_pretrained(tmp_path)
+
+
+def test_target_layer_ids_distinct_and_capture_order():
+    from sglang_dflash.config import capture_order
+
+    with pytest.raises(ValueError, match=r"target_layer_ids=\[1, 9, 9\] repeats a layer"):
+        DFlashConfig.from_dict(_raw(target_layer_ids=[1, 9, 9]))
+    assert capture_order((1, 9, 17)) is None
+    # SGLang captures layers 1, 9, 17 in that order; a config listing (17, 1, 9) reads captured rows 2, 0, 1
+    order = capture_order((17, 1, 9))
+    assert order == [2, 0, 1]  # served end to end: test_sglang_drafter_config.py

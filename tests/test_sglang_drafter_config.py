@@ -1,9 +1,11 @@
-"""A drafter whose config carries yarn RoPE, a sliding-window causal layer and an explicit activation: the SGLang
-worker equals the reference loop step for step.
+"""A drafter whose config carries yarn RoPE, a sliding-window causal layer, an explicit activation and its target
+layers out of ascending order: the SGLang worker equals the reference loop step for step.
 
 The bundled trained drafter's weights with such a config (yarn factor 2, layer 0 sliding with a 12-token window), so
 drafts are still accepted often enough for the step-for-step comparison to mean something; a config the worker read
-differently from the reference (plain RoPE, no window) changes the acceptance, which the first test shows."""
+differently from the reference (plain RoPE, no window) changes the acceptance, which the first test shows. Its
+target layers are listed as (2, 0, 1) with fc's input blocks permuted to match: the same function as (0, 1, 2), which
+SGLang captures in ascending order, so a worker that fed the features in capture order would lose the acceptance."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import shutil
 from collections import Counter
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from sglang_dflash.assets import heldout_prompts
 from sglang_dflash.drafter import DFlashDrafter
 from sglang_dflash.reference import generate
@@ -29,7 +33,14 @@ def drafter_dir(tiny_pair, tmp_path_factory):
     raw = json.loads((path / "config.json").read_text())
     raw.update(rope_parameters=ROPE, layer_types=["sliding_attention", "full_attention"], sliding_window=12,
                use_sliding_window=True, hidden_act="silu")
+    assert raw["dflash_config"]["target_layer_ids"] == [0, 1, 2]
+    raw["dflash_config"]["target_layer_ids"] = [2, 0, 1]
     (path / "config.json").write_text(json.dumps(raw))
+    weights = load_file(path / "model.safetensors")
+    H = raw["hidden_size"]
+    blocks = weights["fc.weight"].split(H, dim=1)  # fc's input: one [H, H] block per target layer, in config order
+    weights["fc.weight"] = torch.cat([blocks[2], blocks[0], blocks[1]], dim=1).contiguous()
+    save_file(weights, path / "model.safetensors")
     return path
 
 

@@ -75,6 +75,9 @@ class DFlashConfig:
                     f"DFlash config: target_layer_ids={list(self.target_layer_ids)} holds {i!r}, "
                     f"expected ids in [0, {self.num_target_layers}) (num_target_layers)"
                 )
+        if len(set(self.target_layer_ids)) != len(self.target_layer_ids):
+            raise ValueError(f"DFlash config: target_layer_ids={list(self.target_layer_ids)} repeats a layer, "
+                             "expected distinct ids")
         if not isinstance(self.mask_token_id, int) or self.mask_token_id < 0:
             raise ValueError(f"DFlash config: mask_token_id={self.mask_token_id!r}, expected an integer >= 0")
         if self.rope_parameters is not None:
@@ -230,6 +233,15 @@ class DFlashConfig:
                 f"DFlash drafter: mask_token_id={self.mask_token_id}, expected an id in [0, {t_vocab}) "
                 f"(the target's embedding rows)"
             )
+
+
+def capture_order(layer_ids: tuple[int, ...]) -> list[int] | None:
+    """SGLang's target models hand over the drafter's layers in the order their forward runs them (ascending ids);
+    the drafter's fc reads them in its config's order (the z-lab reference concatenates in that order). -> for each
+    config position, the index of its layer among the captured ones; None when the two orders agree."""
+    ranked = sorted(layer_ids)
+    order = [ranked.index(i) for i in layer_ids]
+    return None if order == list(range(len(order))) else order
 
 
 def check_for_sglang(draft_hf_config: Any, target_hf_config: Any, block_size: int) -> DFlashConfig:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ...config import DFlashConfig
+from ...config import DFlashConfig, capture_order
 from ...drafter import DFlashDrafter, load_weights_into
 from ..parallel import ShardedLinears, check_tensor_parallel, load_shard, vocab_logits
 
@@ -67,6 +67,7 @@ class DFlashDraftModel(nn.Module):
 
         self.attn = nn.ModuleList(attention(i) for i in range(c.num_hidden_layers))
         self._stacked: tuple | None = None  # stacked_kv() cache; not parameters, so never loaded or saved
+        self._feature_order = capture_order(self.cfg.target_layer_ids)  # None: captured in config order
         if linears.tp_size > 1:
             logger.info("sglang-dflash: drafter sharded over %d tensor-parallel ranks: this rank (%d) holds %d of %d "
                         "attention heads, %d of %d KV heads, %d of %d MLP channels", linears.tp_size, linears.tp_rank,
@@ -92,7 +93,11 @@ class DFlashDraftModel(nn.Module):
 
     # -- context: target hidden states -> drafter K/V (written by the worker) -----------------
     def project(self, target_hidden: torch.Tensor) -> torch.Tensor:
-        """target_hidden [num_tokens, K*H] -> context [num_tokens, H]."""
+        """target_hidden [num_tokens, K*H] in SGLang's capture order (ascending layer ids) -> context [num_tokens, H];
+        a config listing its layers in another order gets its features in that order first."""
+        if self._feature_order is not None:
+            n, K = target_hidden.shape[0], len(self._feature_order)
+            target_hidden = target_hidden.view(n, K, -1)[:, self._feature_order].reshape(n, -1)
         return self.drafter.project(target_hidden.to(self.drafter.fc.weight.dtype))
 
     def context_kv(self, context: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
