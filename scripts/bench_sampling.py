@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
-import torch  # noqa: E402
-from sglang_dflash.sampling import processed_probs  # noqa: E402
+import torch
+from sglang_dflash.sampling import processed_probs
 
 
 def best(fn, repeat: int) -> float:

@@ -51,9 +51,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from sglang_dflash.assets import tiny_pair  # noqa: E402
-from sglang_server import Server, start_all  # noqa: E402
+from sglang_dflash.assets import tiny_pair
+from sglang_dflash.server import Server, start_all
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "python/sglang_dflash/assets/bench_prompts.json"
 SGLANG_DFLASH_MAX_RUNNING = 48  # SGLang 0.5.23's default --max-running-requests under speculative decoding
@@ -305,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     servers = {}
     for s in sides:
         env = {**s.env, **({"SGLANG_DFLASH_TIMING": "1"} if args.timing and s.timing else {})}
-        servers[s.name] = Server(t_dir, d_dir if s.speculative else None, *server_args, env=env)
+        servers[s.name] = Server(t_dir, d_dir if s.speculative else None, *server_args, env=env,
+                                 strict_memory_check=True)  # a KV leak kills the server, so the run fails
     start_all(*servers.values())
     results, mismatches = [], 0
     try:

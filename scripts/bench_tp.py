@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import last_step_timing, load_prompts, run_level  # noqa: E402
-from sglang_dflash.assets import tiny_pair  # noqa: E402
-from sglang_server import Server  # noqa: E402
+from bench_serving import last_step_timing, load_prompts, run_level  # scripts/ is sys.path[0] when run
+from sglang_dflash.assets import tiny_pair
+from sglang_dflash.server import Server
 
 SIDES = [  # name, tp size, speculative
     ("dflash_tp1", 1, True),
@@ -50,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         if tp > 1:
             env["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
         t0 = time.perf_counter()
-        server = Server(t_dir, d_dir if spec else None, "--tp-size", str(tp), "--max-total-tokens", "4096", env=env)
+        server = Server(t_dir, d_dir if spec else None, "--tp-size", str(tp), "--max-total-tokens", "4096", env=env,
+                        strict_memory_check=True)
         try:
             server.wait_ready()
             startup = time.perf_counter() - t0

@@ -33,12 +33,9 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
-from sglang_dflash.assets import heldout_prompts, tiny_pair  # noqa: E402
-from sglang_dflash.server import Server  # noqa: E402
+from sglang_dflash.assets import heldout_prompts, tiny_pair
+from sglang_dflash.server import Server
 
 KINDS = ("greedy", "long", "sampled", "n2", "stream_cut", "bad")
 WEIGHTS = (30, 8, 20, 10, 12, 6)

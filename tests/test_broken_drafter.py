@@ -18,9 +18,10 @@ import torch
 from sampling_check import check_first_two_tokens
 from sglang_dflash.assets import heldout_prompts
 from sglang_dflash.reference import generate
+from sglang_dflash.server import start_all, verify_width_counts
 from sglang_dflash.srt.draft_health import DraftHealth
 from sglang_dflash.srt.stages import propose
-from sglang_server import Server, start_all, verify_width_counts
+from sglang_server import Server
 
 
 def _sampling_info(bs, temperature=1.0, top_k=5, top_p=1.0, min_p=0.0, greedy=False):

@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 from sglang_dflash.assets import heldout_prompts
 from sglang_dflash.reference import generate
-from sglang_server import Server, verify_width_counts
+from sglang_dflash.server import verify_width_counts
+from sglang_server import Server
 
 WIDTHS = [1, 2, 4, 8, 16]
 

@@ -12,7 +12,8 @@ from collections import Counter
 import pytest
 from sglang_dflash.assets import heldout_prompts
 from sglang_dflash.reference import generate
-from sglang_server import Server, start_all
+from sglang_dflash.server import start_all
+from sglang_server import Server
 
 MAX_NEW = 32
 CHUNK = 64

@@ -29,10 +29,11 @@ import pytest
 import torch
 from conftest import make_drafter
 from sglang_dflash.reference import generate
+from sglang_dflash.server import start_all
 from sglang_dflash.target import target_features
 from sglang_dflash.train import block_batch, block_logits, default_gamma, weighted_loss
 from sglang_dflash.train_data import Sequence
-from sglang_server import Server, start_all
+from sglang_server import Server
 
 MAX_NEW = 24
 PROMPTS = [[(7 * i + 3 * j) % 60 + 2 for j in range(3 + (i * 5) % 29)] for i in range(12)]

@@ -14,7 +14,8 @@ import json
 import pytest
 from sglang.srt.sampling.custom_logit_processor import DisallowedTokensLogitsProcessor
 from sglang_dflash.assets import heldout_prompts
-from sglang_server import Server, start_all
+from sglang_dflash.server import start_all
+from sglang_server import Server
 
 N_PROMPTS = 4
 MAX_NEW = 40

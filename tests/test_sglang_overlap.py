@@ -20,8 +20,9 @@ from conftest import make_drafter, make_target
 from sampling_check import check_first_two_tokens
 from sglang_dflash.assets import heldout_prompts
 from sglang_dflash.reference import generate
+from sglang_dflash.server import start_all, verify_width_counts
 from sglang_dflash.target import default_stop_ids
-from sglang_server import Server, start_all, verify_width_counts
+from sglang_server import Server
 
 OVERLAP = {"SGLANG_ENABLE_DFLASH_SPEC_V2": "1"}
 OVERLAP_LINE = "the scheduler overlaps steps"

@@ -9,7 +9,8 @@ import torch
 from conftest import make_drafter, make_target
 from sampling_check import check_first_tokens, check_first_two_tokens
 from sglang_dflash.reference import generate
-from sglang_server import Server, start_all
+from sglang_dflash.server import start_all
+from sglang_server import Server
 
 SHAPES = {  # name: (target kwargs, drafter kwargs, extra server args)
     "b4_gqa2": (dict(heads=4, kv_heads=2, layers=3, seed=11), dict(layers=1, block_size=4, layer_ids=(0, 1)), ()),

@@ -84,7 +84,7 @@ def rope_frequencies(cfg: DFlashConfig) -> tuple[torch.Tensor, float]:
     hf = Qwen3Config(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads, head_dim=hd,
                      max_position_embeddings=cfg.max_position_embeddings, rope_parameters=params)
     inv_freq, factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf, "cpu")
-    return inv_freq.float(), float(factor)
+    return inv_freq.float(), float(factor)  # host: a Python number from transformers' RoPE init
 
 
 def visible_keys(key_positions: torch.Tensor, positions: torch.Tensor, causal: bool, window_left: int) -> torch.Tensor:

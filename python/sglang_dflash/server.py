@@ -1,6 +1,6 @@
 """SGLang HTTP servers in child processes: start, wait for health, talk to them, stop.
 
-Used by the demo, the serving benchmark and the tests. A server always runs in its own process group: a
+Used by the demo, the benchmarks, the soak and the tests. A server always runs in its own process group: a
 crashing SGLang kills its parent's process tree, so it never runs inside the caller's process.
 """
 
@@ -104,6 +104,22 @@ class Server:
             except ProcessLookupError:
                 pass
             self.proc.wait(30)
+
+
+def verify_width_counts(server: Server) -> dict[int, int]:
+    """Decode steps per verify width from the server's /metrics (histogram `sglang_dflash:verify_width`; the
+    server must run with --enable-metrics)."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    cumulative = {}
+    for line in text.splitlines():
+        if line.startswith("sglang_dflash:verify_width_bucket{") and 'le="+Inf"' not in line:
+            le = line.split('le="')[1].split('"')[0]
+            cumulative[int(float(le))] = int(float(line.rsplit(" ", 1)[1]))
+    counts, below = {}, 0
+    for width in sorted(cumulative):
+        counts[width], below = cumulative[width] - below, cumulative[width]
+    return counts
 
 
 def start_all(*servers: Server) -> list[Server]:

@@ -11,8 +11,10 @@
    past it) and input_embeds rows of the wrong width.
 2. `validate_request` (in the scheduler, in place of its DFLASH request check): the same vocabulary check
    again on the ids the scheduler got (a backstop for paths that skip the tokenizer manager, e.g. extra
-   tokenizer worker processes), then what the worker does not serve yet is refused with a clear message
-   (the request is aborted with HTTP 400 and the server keeps serving), never half-served.
+   tokenizer worker processes); a request it fails is aborted with HTTP 400 and the server keeps serving.
+   Nothing else is refused per request: every request feature SGLang serves without speculation is served
+   (logprobs, penalties, min_new_tokens, logit_bias, custom logit processors, constrained decoding, hidden
+   states, n > 1).
 """
 
 from __future__ import annotations
@@ -74,17 +76,8 @@ def admit_input(obj, input_ids, vocab: int, hidden_size: int) -> None:
         raise ValueError("; ".join(errors))
 
 
-def unsupported_reason(req) -> str | None:
-    """Nothing is refused today: every request feature SGLang serves without speculation is served (logprobs,
-    penalties, min_new_tokens, logit_bias, custom logit processors, constrained decoding, hidden states, n > 1);
-    the hook stays as the one place a future refusal would go."""
-    return None
-
-
 def validate_request(req, enable_overlap: bool = False) -> str | None:
-    """Same signature as the scheduler's dflash request check it replaces."""
-    if req.input_embeds is None and not req.multimodal_inputs:
-        error = input_ids_error(req.origin_input_ids, req.vocab_size)
-        if error:
-            return error
-    return unsupported_reason(req)
+    """Same signature as the scheduler's dflash request check it replaces: the vocabulary error, or None."""
+    if req.input_embeds is not None or req.multimodal_inputs:  # no prompt ids to check (see `admit_input`)
+        return None
+    return input_ids_error(req.origin_input_ids, req.vocab_size)
