@@ -17,6 +17,8 @@ setup(
     package_data={"sglang_dflash": ["assets/*.json", "assets/tiny_pair/*.json", "assets/tiny_pair/*/*"]},
     install_requires=["sglang==0.5.23", "safetensors", "tqdm"],
     extras_require={"test": ["pytest", "scipy", "openai", "ruff", "tokenizers", "matplotlib"]},
+    # both pass the version gate (`sglang_dflash.plugin.check_sglang_version`): on an SGLang release other than the
+    # one pinned above they attach nothing, and a server asking for DFLASH is refused at start
     entry_points={
         "sglang.srt.plugins": ["dflash = sglang_dflash.plugin:register"],
         "sglang.srt.platforms": ["dflash_cpu = sglang_dflash.srt.platform:activate"],

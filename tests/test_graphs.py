@@ -3,6 +3,7 @@ that everything is restored after, and the capture policy (None without graphs; 
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -93,3 +94,53 @@ def test_capture_builds_each_width_and_a_failed_one_runs_eager(monkeypatch, capl
     assert WidthGraphs.capture(mr, [8, B], B).states == {}
     with pytest.raises(ValueError, match="outside"):
         WidthGraphs.capture(mr, [0, B], B)
+
+
+def test_reads_width_per_forward_by_class_not_by_name():
+    """torch_native (ours included), triton and flashinfer read a verify forward's width from its spec_info; any other
+    backend, a class that only shares a name among them, does not."""
+    from sglang_dflash.srt import sglang_api
+    from sglang_dflash.srt.attention import VerifyCapableTorchNativeBackend
+    from sglang_dflash.srt.sglang_api import reads_width_per_forward
+
+    for cls in (sglang_api.TorchNativeAttnBackend, VerifyCapableTorchNativeBackend, sglang_api.TritonAttnBackend,
+                sglang_api.FlashInferAttnBackend):
+        assert reads_width_per_forward(cls.__new__(cls)), cls
+
+    class TritonAttnBackend:  # a look-alike name is not SGLang's class
+        pass
+
+    assert not reads_width_per_forward(TritonAttnBackend())
+    assert not reads_width_per_forward(SimpleNamespace(name="fa3"))
+
+
+def test_a_backend_class_that_does_not_import_reads_no_width(monkeypatch, caplog):
+    """Without FlashInfer (a CPU install) its class is left out, exactly: no backend of it can exist in the process.
+    Only an ImportError is taken so; any other error is raised."""
+    from sglang_dflash.srt import sglang_api
+
+    caplog.set_level(logging.INFO, logger="sglang_dflash")
+
+    def resolve_without(missing, error):
+        real = sglang_api._resolve
+
+        def resolve(name):
+            if name == missing:
+                raise error
+            return real(name)
+
+        return resolve
+
+    sglang_api._per_forward_width_classes.cache_clear()
+    monkeypatch.setattr(sglang_api, "_resolve", resolve_without("FlashInferAttnBackend",
+                                                                ModuleNotFoundError("No module named 'flashinfer'")))
+    try:
+        classes = sglang_api._per_forward_width_classes()
+        assert [c.__name__ for c in classes] == ["TorchNativeAttnBackend", "TritonAttnBackend"]
+        assert "FlashInferAttnBackend does not import here" in caplog.text
+        sglang_api._per_forward_width_classes.cache_clear()
+        monkeypatch.setattr(sglang_api, "_resolve", resolve_without("TritonAttnBackend", RuntimeError("a bug")))
+        with pytest.raises(RuntimeError, match="a bug"):
+            sglang_api._per_forward_width_classes()
+    finally:
+        sglang_api._per_forward_width_classes.cache_clear()

@@ -70,3 +70,50 @@ def test_sglang_plugins_whitelist_switches_it_off():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "OFF" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+# modules not yet switched to `sglang_api` (the lead switches them: their SGLang names are in `sglang_api.NAMES`)
+NOT_YET_SWITCHED = {"srt/worker.py", "srt/logit_rules.py"}
+
+
+def _package_files() -> dict[str, Path]:
+    import dflash_kernels
+
+    kernels = Path(dflash_kernels.__file__).parent
+    files = {str(f.relative_to(PACKAGE)): f for f in PACKAGE.rglob("*.py")}
+    files.update({f"kernels/{f.relative_to(kernels)}": f for f in kernels.rglob("*.py")})
+    return files
+
+
+def _is_sglang(name: str) -> bool:
+    return name == "sglang" or name.startswith("sglang.")
+
+
+def test_sglang_is_imported_only_through_sglang_api():
+    """Every SGLang name reaches our code through `srt/sglang_api.py`, the table of where each lives and why."""
+    files = _package_files()
+    assert "srt/sglang_api.py" in files and "kernels/__init__.py" in files
+    importing = {rel for rel, f in files.items() if any(_is_sglang(n) for n in _imports(f))}
+    assert importing - NOT_YET_SWITCHED == set(), f"SGLang imported directly by {sorted(importing - NOT_YET_SWITCHED)}"
+    assert NOT_YET_SWITCHED <= importing, f"switched now, drop from NOT_YET_SWITCHED: {NOT_YET_SWITCHED - importing}"
+
+
+def test_names_imported_from_sglang_api_are_in_its_table():
+    """`from .sglang_api import X`: each X is an entry of the table (or one of its functions), checked without
+    importing SGLang, so a misspelt or unlisted name fails here and not at the first forward that reads it."""
+    from sglang_dflash.srt import sglang_api
+
+    known = set(sglang_api.NAMES) | set(vars(sglang_api))
+    used = {(rel, a.name) for rel, f in _package_files().items() for node in ast.walk(ast.parse(f.read_text()))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("sglang_api") for a in node.names}
+    assert len(used) > 20
+    assert not [u for u in used if u[1] not in known], [u for u in used if u[1] not in known]
+
+
+def test_no_table_entry_names_builtin_dflash():
+    from sglang_dflash.srt import sglang_api
+
+    locations = [e.location.split(":")[0] for e in sglang_api.NAMES.values()] + [sglang_api.LAUNCH_SERVER_MODULE]
+    assert len(locations) > 40 and all(_is_sglang(m) for m in locations)
+    bad = [m for m in locations if m.startswith(FORBIDDEN)]
+    assert not bad, f"sglang_api names SGLang's built-in DFLASH code: {bad}"

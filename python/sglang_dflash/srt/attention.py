@@ -14,10 +14,9 @@ Every other mode is left to the stock backend. Registered for the name "torch_na
 from __future__ import annotations
 
 import torch
-from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
-from sglang.srt.layers.radix_attention import AttentionType
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
+
+from .sglang_api import AttentionType, KVWriteLoc, TorchNativeAttnBackend
 
 
 class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
@@ -70,7 +69,7 @@ class VerifyCapableTorchNativeBackend(TorchNativeAttnBackend):
         prefix = fb.seq_lens.long()  # [bs] committed lengths L_i
         keys = getattr(fb, "seq_lens_cpu", None)  # [bs] L_i + B on the host (`stages.set_block_key_lengths`)
         keys = prefix + B if keys is None else keys  # this backend runs on CPU only: no sync to fear
-        T = int(keys.max())
+        T = int(keys.max())  # host: this backend runs on CPU only, where keys are host memory
         dev = prefix.device
         pos = torch.arange(T, device=dev)
         valid = pos[None, :] < (prefix + B)[:, None]  # [bs, T]

@@ -75,7 +75,7 @@ class ContextWriter:
         model = self.draft_model
         context = model.project(target_hidden)
         if not self.fast:
-            from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+            from .sglang_api import KVWriteLoc
 
             for attn, (k, v) in zip(model.attn, model.context_kv(context, positions)):
                 self.pool.set_kv_buffer(attn, KVWriteLoc(slots, physical=True), k, v)

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sglang.srt.model_executor.model_runner import ModelRunner
+    from .sglang_api import ModelRunner
 
 logger = logging.getLogger("sglang_dflash")
 MARGIN_GIB = 1.0  # free memory a width capture must leave, as SGLang's own DFLASH asks before the drafter's graphs
@@ -86,7 +86,7 @@ class WidthGraphs:
         full = model_runner.decode_cuda_graph_runner
         if full is None:
             return None
-        from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+        from .sglang_api import DecodeCudaGraphRunner
 
         if not isinstance(full, DecodeCudaGraphRunner):  # the EagerRunner (graphs disabled) or a CPU graph runner
             return None
@@ -183,7 +183,7 @@ def _capture_width(model_runner: ModelRunner, runner_cls: type, width: int, full
 @contextmanager
 def _spec_draft_tokens(width: int) -> Iterator[None]:
     """`get_spec().speculative_num_draft_tokens` reads `width` inside; as EAGLEWorkerV2._override_worker_state."""
-    from sglang.srt.runtime_context import get_context, get_spec
+    from .sglang_api import get_context, get_spec
 
     prior = get_spec().speculative_num_draft_tokens
     get_context().override("sglang_dflash.graphs: capture a verify width", speculative_num_draft_tokens=width)
@@ -194,7 +194,7 @@ def _spec_draft_tokens(width: int) -> Iterator[None]:
 
 
 def _unsupported(model_runner: ModelRunner) -> str | None:
-    from sglang.srt.runtime_context import get_disagg, get_exec
+    from .sglang_api import get_disagg, get_exec
 
     if model_runner.lora_manager is not None:
         return "LoRA: its graph batch info is sized by each capture"
@@ -207,8 +207,7 @@ def _unsupported(model_runner: ModelRunner) -> str | None:
 
 def _free_gib(model_runner: ModelRunner, *, every_rank: bool) -> float:
     """Free device memory in GiB: this rank's, or the least over all ranks (a collective: every rank calls it)."""
-    from sglang.srt.runtime_context import get_parallel
-    from sglang.srt.utils import get_available_gpu_memory
+    from .sglang_api import get_available_gpu_memory, get_parallel
 
     distributed = every_rank and _num_ranks() > 1
     return get_available_gpu_memory(model_runner.device, model_runner.gpu_id, distributed=distributed,
@@ -221,15 +220,16 @@ def _rank0_says(yes: bool) -> bool:
         return yes
     import torch
     import torch.distributed as dist
-    from sglang.srt.runtime_context import get_parallel
+
+    from .sglang_api import get_parallel
 
     world = get_parallel().world_group
-    flag = torch.tensor([int(yes)], dtype=torch.int64)
+    flag = torch.tensor([int(yes)], dtype=torch.int64)  # host: a Python bool
     dist.broadcast(flag, src=world.ranks[0], group=world.cpu_group)
-    return bool(flag[0])
+    return bool(flag[0])  # host: a host tensor, broadcast over the CPU (gloo) group at start-up
 
 
 def _num_ranks() -> int:
-    from sglang.srt.runtime_context import get_parallel
+    from .sglang_api import get_parallel
 
     return get_parallel().launch_world_size

@@ -35,7 +35,7 @@ process, before SGLang parses its arguments. Each hook says why it exists:
 9. Sampling-mask request check (AROUND `sglang.srt.managers.scheduler.validate_spec_sampling_mask_request`, which
    the scheduler calls for requests with return_sampling_mask under speculation): SGLang's own DFLASH refuses
    min_p and, without its CUDA sampling-verify kernel (any CPU), every non-greedy request, because its
-   verify distribution cannot honour them; ours is the sampler's exact one (`stages.sampling_masks`), so
+   verify distribution cannot honour them; ours is the sampler's exact one (`outputs.sampling_masks`), so
    DFLASH requests pass (other algorithms keep SGLang's check).
 10. Start-up refusals (BEFORE `sglang.srt.arg_groups.model_hook.handle_model_specific_adjustments`, the first
     argument-resolution step that reads the target's config, in the launching process; DFLASH servers only): a
@@ -43,6 +43,9 @@ process, before SGLang parses its arguments. Each hook says why it exists:
     `--speculative-draft-window-size` are refused with a message naming the reason, before SGLang's own
     model-specific checks (on CPU they would stop a hybrid target first, with a message about Mamba cache
     buffers) and before any scheduler starts. The worker repeats the family check on SGLang's model config.
+
+Every target is listed in `TARGETS` (tests/test_plugin.py resolves each in the installed SGLang); the SGLang names
+the hooks use are read from `sglang_api`, which says where each lives in SGLang 0.5.23 and why.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ KV_WARMUP_TARGET = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._init_kv_c
 SAMPLING_MASK_CHECK_TARGET = "sglang.srt.managers.scheduler.validate_spec_sampling_mask_request"
 MODEL_ARGS_TARGET = "sglang.srt.arg_groups.model_hook.handle_model_specific_adjustments"
 INPUT_CHECK_TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+TARGETS = (WORKER_TARGET, REQUEST_CHECK_TARGET, ARGS_TARGET, KV_WARMUP_TARGET, SAMPLING_MASK_CHECK_TARGET,
+           MODEL_ARGS_TARGET, INPUT_CHECK_TARGET)
 
 
 def _admit_input_then(original, manager, obj, input_ids, *args, **kwargs):
@@ -77,7 +82,7 @@ def _sampling_masks_served(original, req, spec_algorithm, *args, **kwargs):
 
 def keep_final_hidden_states(target_model) -> int:
     """Hook 8: -> how many logits processors now keep the final hidden state beside the captured layers."""
-    from sglang.srt.layers.logits_processor import LogitsProcessor
+    from .sglang_api import LogitsProcessor
 
     found = [m for m in target_model.modules() if isinstance(m, LogitsProcessor)]
     for m in found:
@@ -93,9 +98,8 @@ def _skip_kv_copy_warmup_on_cpu(original, pool, *args, **kwargs):
 
 
 def _synchronous_unless_overlap_requested(original, server_args, *args, **kwargs):
-    from sglang.srt.arg_groups.overrides import declare_resolution
-
     from ..envs import overlap_requested
+    from .sglang_api import declare_resolution
 
     result = original(server_args, *args, **kwargs)
     if not overlap_requested():
@@ -104,7 +108,7 @@ def _synchronous_unless_overlap_requested(original, server_args, *args, **kwargs
 
 
 def _check_start_args_first(server_args, *args, **kwargs):
-    from sglang.srt.arg_groups.model_override_base import resolving_view
+    from .sglang_api import resolving_view
 
     cfg = resolving_view(server_args)
     if cfg.speculative_algorithm == "DFLASH":
@@ -117,9 +121,8 @@ def check_start_args(cfg) -> None:
     read from the target's config as SGLang loads it) and flags it would otherwise ignore."""
     import json
 
-    from sglang.srt.utils.hf_transformers_utils import get_config
-
     from ..families import check_target
+    from .sglang_api import get_config
 
     if cfg.speculative_draft_window_size is not None:
         raise ValueError(f"sglang-dflash: --speculative-draft-window-size={cfg.speculative_draft_window_size} is not "
@@ -137,11 +140,8 @@ def _create_torch_native_backend(runner):
 
 
 def install() -> None:
-    from sglang.srt.layers.attention.attention_registry import register_attention_backend
-    from sglang.srt.models.registry import ModelRegistry
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
     from .requests import validate_request
+    from .sglang_api import HookRegistry, HookType, ModelRegistry, register_attention_backend
     from .worker import DFlashWorker
 
     HookRegistry.register(WORKER_TARGET, DFlashWorker, HookType.REPLACE)

@@ -68,13 +68,13 @@ class ShardedLinears(Linears):
     of the full checkpoint tensor. Forward returns the output tensor only (SGLang's layers return a pair)."""
 
     def __init__(self) -> None:
-        from sglang.srt.runtime_context import get_parallel
+        from .sglang_api import get_parallel
 
         parallel = get_parallel()  # the draft worker's scope: SGLang's TP group (rank 0 of 1 outside a server)
         self.tp_rank, self.tp_size = parallel.tp_rank, parallel.tp_size
 
     def heads(self, in_features: int, num_heads: int, head_dim: int, bias: bool) -> tuple[nn.Module, int]:
-        from sglang.srt.layers.linear import ColumnParallelLinear, ReplicatedLinear
+        from .sglang_api import ColumnParallelLinear, ReplicatedLinear
 
         first, n = split_heads(num_heads, self.tp_rank, self.tp_size)
         if num_heads % self.tp_size == 0:  # SGLang's loader keeps rows [rank * n * hd, (rank + 1) * n * hd)
@@ -86,12 +86,12 @@ class ShardedLinears(Linears):
         return layer, n
 
     def column(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
-        from sglang.srt.layers.linear import ColumnParallelLinear
+        from .sglang_api import ColumnParallelLinear
 
         return _output_only(ColumnParallelLinear)(in_features, out_features, bias=bias)
 
     def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
-        from sglang.srt.layers.linear import RowParallelLinear
+        from .sglang_api import RowParallelLinear
 
         return _output_only(RowParallelLinear)(in_features, out_features, bias=bias, input_is_parallel=True,
                                                reduce_results=True)
@@ -157,7 +157,7 @@ class RankSync:
 
         value = torch.tensor([k], dtype=torch.int64)
         dist.broadcast(value, src=self.group.ranks[0], group=self.group.cpu_group)
-        return int(value[0])
+        return int(value[0])  # host: a host tensor, broadcast over the CPU (gloo) group
 
     def drafts(self, proposal):
         """proposal.drafts [bs, B-1] int64 -> rank 0's."""

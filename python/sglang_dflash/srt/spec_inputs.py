@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
-from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
+
+from .sglang_api import CaptureHiddenMode, SpecInput, SpecInputType
 
 if TYPE_CHECKING:
-    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from .sglang_api import ScheduleBatch
 
 
 @dataclass
@@ -91,7 +91,7 @@ class BlockForwardInput(SpecInput):
         forward writes first) and asks B queries. No custom mask: FlashInfer's causal flag per layer already
         gives the target's causal verify and the drafter's non-causal (ENCODER_ONLY) block.
         -> kv_indices [sum(L) + bs*B] int32, kv_indptr [bs+1] int32, qo_indptr [bs+1] int32, None."""
-        from sglang.srt.mem_cache.kv_loc_plan import IdSpaceKind
+        from .sglang_api import IdSpaceKind
 
         bs, B, dev = req_pool_indices.numel(), self.draft_token_num, req_pool_indices.device
         qo_indptr = torch.arange(0, (bs + 1) * B, B, dtype=torch.int32, device=dev)
@@ -113,8 +113,12 @@ def reserve_block_slots(batch: ScheduleBatch, *, reserve: int) -> None:
     with the request (`release_kv_cache` frees everything up to `kv_allocated_len`). The scheduler's
     admission check assumes the same 2*B reserve (`get_alloc_reserve_per_decode`).
     """
-    from sglang.srt.mem_cache.allocation import alloc_paged_token_slots_extend, alloc_token_slots, get_last_loc
-    from sglang.srt.mem_cache.allocation_sizing import page_aligned_decode_alloc_lens
+    from .sglang_api import (
+        alloc_paged_token_slots_extend,
+        alloc_token_slots,
+        get_last_loc,
+        page_aligned_decode_alloc_lens,
+    )
 
     bs = batch.batch_size()
     if bs == 0:
@@ -150,14 +154,14 @@ def reserve_block_slots(batch: ScheduleBatch, *, reserve: int) -> None:
         req.decode_batch_idx += 1
     committed = torch.tensor([r.kv.kv_committed_len for r in batch.reqs], dtype=torch.int64)
     batch.seq_lens_cpu = committed
-    batch.seq_lens_sum = int(committed.sum())
+    batch.seq_lens_sum = int(committed.sum())  # host: built from the requests' host lengths
 
 
 def block_slot_cells(rows: list[int], cur: list[int], nxt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The req_to_token cells (row_i, cur_i .. nxt_i - 1) of every request, concatenated, on the host."""
     counts = torch.tensor([b - a for a, b in zip(cur, nxt)], dtype=torch.int64)
     start = torch.cumsum(counts, 0) - counts  # where each request's run begins in the flat list
-    step = torch.arange(int(counts.sum())) - start.repeat_interleave(counts)
+    step = torch.arange(int(counts.sum())) - start.repeat_interleave(counts)  # host: counts is built on the host
     cols = torch.tensor(cur, dtype=torch.int64).repeat_interleave(counts) + step
     return torch.tensor(rows, dtype=torch.int64).repeat_interleave(counts), cols
 

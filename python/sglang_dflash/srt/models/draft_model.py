@@ -26,7 +26,7 @@ from ...drafter import DFlashDrafter, load_weights_into
 from ..parallel import ShardedLinears, check_tensor_parallel, load_shard, vocab_logits
 
 if TYPE_CHECKING:
-    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+    from ..sglang_api import ForwardBatch
 
 logger = logging.getLogger("sglang_dflash")
 
@@ -47,7 +47,7 @@ class DFlashDraftModel(nn.Module):
 
     def __init__(self, config, quant_config=None, prefix: str = "") -> None:
         super().__init__()
-        from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
+        from ..sglang_api import AttentionType, RadixAttention
 
         if quant_config is not None:
             raise ValueError(f"DFlash drafter: quantization {quant_config!r} is not supported; load it unquantized")
@@ -132,7 +132,7 @@ class DFlashDraftModel(nn.Module):
         **_: object,
     ):
         """Embedded here with the target's embedding (SGLang would cast passed input_embeds to bf16)."""
-        from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+        from ..sglang_api import LogitsProcessorOutput
 
         h = self._target[1](input_ids).to(self.drafter.fc.weight.dtype)[None]  # [1, n, H]
         n = h.shape[1]
