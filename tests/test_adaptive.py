@@ -1,13 +1,16 @@
-"""The verify-width chooser (`srt/adaptive.py`) on synthetic step costs and acceptance: no server."""
+"""The verify-width chooser (`srt/adaptive.py`) on synthetic step costs and acceptance, and the step clock that
+times its steps (`srt/timing.py`) on a hand-set time: no server."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
 import torch
 from sglang_dflash import envs
 from sglang_dflash.srt.adaptive import AcceptanceModel, CostModel, WidthChooser, candidate_widths
+from sglang_dflash.srt.timing import StepClock
 
 WIDTHS = [1, 2, 4, 8, 16]
 
@@ -163,3 +166,71 @@ def test_environment_flags(monkeypatch):
         envs.verify_widths()
     monkeypatch.delenv("SGLANG_DFLASH_VERIFY_WIDTHS")
     assert envs.verify_widths() is None
+
+
+class _HandClock:
+    """A StepClock on a hand-set time, recording the periods it charges the cost model as (bs, k, seconds)."""
+
+    def __init__(self, device: str = "cpu", **kwargs) -> None:
+        self.t = 0.0
+        self.charged: list[tuple[int, int, float]] = []
+        self.clock = StepClock(device, cost=lambda bs, k, s: self.charged.append((bs, k, round(s, 6))),
+                               now=lambda: self.t, **kwargs)
+
+    def steps(self, *steps: tuple[float, int, int]) -> list[tuple[int, int, float]]:
+        """Decode steps (start time, bs, k) -> what they charged."""
+        self.charged = []
+        for start, bs, k in steps:
+            self.t = start
+            self.clock.start_step(bs)
+            self.clock.end_step(k)
+        return self.charged
+
+
+def test_clock_charges_each_period_to_the_step_that_started_it():
+    """Start to start, to the earlier step's (bs, k); skipped over a batch-size change, an idle gap, a prefill."""
+    hand = _HandClock()
+    assert hand.steps((0.0, 4, 16), (0.1, 4, 8), (0.25, 4, 1)) == [(4, 16, 0.1), (4, 8, 0.15)]
+    assert hand.steps((0.3, 5, 2), (0.4, 5, 4)) == [(5, 2, 0.1)]  # 4 -> 5 requests: that period not counted
+    assert hand.steps((1.0, 5, 8), (1.1, 5, 8)) == [(5, 8, 0.1)]  # 0.6 s since 0.4: an idle server
+    with hand.clock.prefill():
+        pass
+    assert hand.steps((1.2, 5, 2), (1.3, 5, 4)) == [(5, 2, 0.1)]  # the period with the prefill in it: dropped
+    hand.clock.overlapped = True  # overlap on CPU: the step's own time is still its period
+    assert hand.steps((1.4, 5, 16)) == [(5, 4, 0.1)]
+
+
+def test_clock_charges_the_step_before_under_overlap_on_a_gpu():
+    """The overlap scheduler on a GPU launches a step before it waits for the one before: a period is mostly that
+    earlier step's device time, so it goes to it, and counts only when the batch held over both periods."""
+    hand = _HandClock("cuda")  # timing off: the clock never touches the device
+    hand.clock.overlapped = True
+    assert hand.steps((0.0, 4, 16), (0.1, 4, 8), (0.25, 4, 1)) == [(4, 16, 0.15)]
+    assert hand.steps((0.3, 5, 2), (0.4, 5, 4), (0.5, 5, 8)) == [(5, 2, 0.1)]  # not 4's step at 0.25, nor 5's 0.3
+
+
+def test_clock_timing_report_splits_stages_and_scheduler(caplog):
+    """With timing on, each stage's time and the scheduler's (end of one decode step to the start of the next,
+    prefills taken out) are reported per step, with the chooser's widths."""
+    hand = _HandClock(timing=True, report_every=2, extra=lambda: "widths {16: 2}")
+    clock = hand.clock
+    with caplog.at_level(logging.INFO, logger="sglang_dflash"):
+        hand.t = 0.0
+        clock.start_step(4)
+        with clock.stage("draft"):
+            hand.t = 0.01
+        hand.t = 0.02
+        clock.end_step(16)
+        hand.t = 0.03
+        with clock.prefill():
+            hand.t = 0.05
+        hand.t = 0.07
+        clock.start_step(4)
+        with clock.stage("verify"):
+            hand.t = 0.1
+        clock.end_step(16)
+    line = [r.getMessage() for r in caplog.records if "step timing" in r.getMessage()]
+    assert line == ["sglang-dflash step timing: 2 steps, per step: draft 5.00 ms (11%), verify 15.00 ms (33%), "
+                    "accept 0.00 ms (0%), commit 0.00 ms (0%), prefill 10.00 ms (22%), scheduler 15.00 ms (33%); "
+                    "widths {16: 2}"]
+    assert hand.charged == []  # 0.07 s start to start, but a prefill ran in it

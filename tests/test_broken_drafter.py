@@ -155,7 +155,7 @@ def test_sampling_distribution_is_the_targets_with_a_nan_drafter(broken):
 def test_sampled_step_rehearsal_runs_the_full_sort_path(monkeypatch):
     """The start-up rehearsal of a sampled step (measured on a GPU by `DFlashWorker.prewarm_sampling`) runs the
     real propose + accept at a given batch, taking the full-vocabulary sort (top-p in every request)."""
-    from sglang_dflash.srt import stages
+    from sglang_dflash.srt import prewarm, stages
 
     calls = []
 
@@ -165,7 +165,7 @@ def test_sampled_step_rehearsal_runs_the_full_sort_path(monkeypatch):
 
     processed_probs = stages.processed_probs
     monkeypatch.setattr(stages, "processed_probs", recording)
-    acc = stages.rehearse_sampled_step(3, 4, 50, "cpu")
+    acc = prewarm.rehearse_sampled_step(3, 4, 50, "cpu")
     # q over bs*(B-1) rows, p over bs*B rows, both on the sorting path (filtered, no top-k bound)
     assert calls == [((9, 50), dict(filtered=True, max_top_k=None)), ((12, 50), dict(filtered=True, max_top_k=None))]
     assert acc.tokens.shape == (3, 4) and ((acc.accept_len >= 0) & (acc.accept_len <= 3)).all()

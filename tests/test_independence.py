@@ -72,10 +72,6 @@ def test_sglang_plugins_whitelist_switches_it_off():
     assert out.returncode == 0 and "OFF" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
 
 
-# modules not yet switched to `sglang_api` (the lead switches them: their SGLang names are in `sglang_api.NAMES`)
-NOT_YET_SWITCHED = {"srt/worker.py", "srt/logit_rules.py"}
-
-
 def _package_files() -> dict[str, Path]:
     import dflash_kernels
 
@@ -94,8 +90,7 @@ def test_sglang_is_imported_only_through_sglang_api():
     files = _package_files()
     assert "srt/sglang_api.py" in files and "kernels/__init__.py" in files
     importing = {rel for rel, f in files.items() if any(_is_sglang(n) for n in _imports(f))}
-    assert importing - NOT_YET_SWITCHED == set(), f"SGLang imported directly by {sorted(importing - NOT_YET_SWITCHED)}"
-    assert NOT_YET_SWITCHED <= importing, f"switched now, drop from NOT_YET_SWITCHED: {NOT_YET_SWITCHED - importing}"
+    assert importing == {"srt/sglang_api.py"} or not importing, f"SGLang imported directly by {sorted(importing)}"
 
 
 def test_names_imported_from_sglang_api_are_in_its_table():

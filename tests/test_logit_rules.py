@@ -1,16 +1,16 @@
-"""`srt/logit_rules.py` on synthetic tensors: every verify row penalised as the non-speculative sampler would
-at that point of the output (counting the drafts before it), the committed state advanced by what a step
-keeps, xgrammar bitmasks unpacked, and the request check refusing only what is not served."""
+"""The logit rules (`srt/penalties.py`, `srt/grammar.py`, composed by `srt/logit_rules.py`) on synthetic
+tensors: every verify row penalised as the non-speculative sampler would at that point of the output (counting
+the drafts before it), the committed state advanced by what a step keeps and held by the request, xgrammar
+bitmasks unpacked."""
 
 from __future__ import annotations
 
+import gc
 import types
 
-import pytest
 import torch
 from sampling_check import penalised
-from sglang_dflash.srt import logit_rules
-from sglang_dflash.srt.requests import unsupported_reason
+from sglang_dflash.srt import grammar, logit_rules, penalties
 
 
 class _Req(types.SimpleNamespace):  # weak-referenceable, as SGLang's Req
@@ -29,20 +29,21 @@ def _req(output_ids=(), **sp):
 
 def test_each_verify_row_counts_the_drafts_before_it():
     torch.manual_seed(0)
-    V, B = 12, 5
+    V, k = 12, 5
     reqs = [_req([4, 4, 7], frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=1.4, min_new_tokens=6),
             _req([1]),  # no penalty: its rows untouched
             _req([9], repetition_penalty=2.0)]
     first = torch.tensor([5, 6, 5])  # what each prefill sampled
-    logit_rules.start_counts(reqs, first, V)
+    counts = penalties.PenaltyCounts(V)
+    counts.start(reqs, first)
     verify_ids = torch.tensor([[5, 4, 5, 2, 4], [6, 1, 1, 1, 1], [5, 5, 9, 0, 0]])
-    logits = torch.randn(3, B, V) * 3
+    logits = torch.randn(3, k, V) * 3
     want = logits.clone()
-    pen = logit_rules._penalties(reqs, V, "cpu")
-    logit_rules.apply_penalties(logits, pen, verify_ids[:, 1:])
+    pen = penalties.gather(reqs, counts, "cpu")
+    penalties.apply_penalties(logits, pen, verify_ids[:, 1:])
     for i, r in enumerate(reqs):
-        for j in range(B):
-            if logit_rules.needs_penalty(r.sampling_params):
+        for j in range(k):
+            if penalties.needs_penalty(r.sampling_params):
                 output = r.output_ids + [int(first[i])] + verify_ids[i, 1:j + 1].tolist()
                 want[i, j] = penalised(want[i, j], output, vars(r.sampling_params), stop_ids=(2, 3))
     assert torch.equal(logits.isinf(), want.isinf())
@@ -53,10 +54,11 @@ def test_each_verify_row_counts_the_drafts_before_it():
 def test_commit_counts_kept_drafts_and_bonus_only():
     V = 8
     req = _req([], frequency_penalty=0.5)
-    logit_rules.start_counts([req], torch.tensor([1]), V)
+    counts = penalties.PenaltyCounts(V)
+    counts.start([req], torch.tensor([1]))
     tokens = torch.tensor([[3, 3, 6, 7]])  # d1 d2 bonus, then padding past accept_len + 1
-    logit_rules.commit([req], tokens, torch.tensor([2]))
-    state = logit_rules.committed_counts(req, V, "cpu")
+    counts.commit([req], tokens, torch.tensor([2]))
+    state = counts.of(req, "cpu")
     assert state[0].tolist() == [0, 1, 0, 2, 0, 0, 1, 0]
     assert state[1].tolist() == [0, 0.5, 0, 1.0, 0, 0, 0.5, 0]
 
@@ -65,8 +67,26 @@ def test_prefill_rebuilds_state_from_the_output_so_far():
     """A retracted request comes back through a prefill: its state is its output, not zeros."""
     V = 8
     req = _req([2, 2, 5], presence_penalty=1.0)
-    logit_rules.start_counts([req], torch.tensor([4]), V)
-    assert logit_rules.committed_counts(req, V, "cpu")[0].tolist() == [0, 0, 2, 0, 1, 1, 0, 0]
+    counts = penalties.PenaltyCounts(V)
+    counts.start([req], torch.tensor([4]))
+    assert counts.of(req, "cpu")[0].tolist() == [0, 0, 2, 0, 1, 1, 0, 0]
+    counts.commit([req], torch.tensor([[7, 7]]), torch.tensor([1]))
+    counts.start([req], torch.tensor([6]))  # a prefill again (retracted): the output so far, not the old state
+    assert counts.of(req, "cpu")[0].tolist() == [0, 0, 2, 0, 0, 1, 1, 0]
+
+
+def test_counts_are_held_by_the_request_and_by_their_owner_only():
+    """The state goes with the request (weakly held), only penalised requests keep one, and two owners (two
+    workers) do not share it."""
+    V = 8
+    plain, penalised_req = _req([1]), _req([1], presence_penalty=1.0)
+    counts, other = penalties.PenaltyCounts(V), penalties.PenaltyCounts(V)
+    counts.start([plain, penalised_req], torch.tensor([2, 3]))
+    assert len(counts._state) == 1 and len(other._state) == 0
+    assert other.of(penalised_req, "cpu")[0].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]  # rebuilt from its own output
+    del penalised_req
+    gc.collect()
+    assert len(counts._state) == 0 and len(other._state) == 0
 
 
 def test_bitmask_unpacks_like_xgrammar():
@@ -79,19 +99,22 @@ def test_bitmask_unpacks_like_xgrammar():
         for t in allowed[r].nonzero().flatten().tolist():
             words[r, t // 32] |= 1 << (t % 32)
     packed = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # int32 words, as xgrammar's
-    assert torch.equal(logit_rules.bitmask_allows(packed, V), allowed)
-    assert logit_rules._allowed(packed[0], 31) and not logit_rules._allowed(packed[0], 30)
+    assert torch.equal(grammar.bitmask_allows(packed, V), allowed)
+    assert grammar._allowed(packed[0], 31) and not grammar._allowed(packed[0], 30)
 
 
-@pytest.mark.parametrize("field, value", [("frequency_penalty", 0.5), ("presence_penalty", 0.5),
-                                          ("repetition_penalty", 1.2), ("min_new_tokens", 3)])
-def test_requests_with_penalties_are_served(field, value):
-    req = _req(**{field: value})
-    req.return_logprob, req.custom_logit_processor = True, "x"
-    assert unsupported_reason(req) is None
-
-
-def test_return_hidden_states_served():
-    req = _req()
-    req.return_hidden_states = True
-    assert unsupported_reason(req) is None
+def test_block_rules_read_and_advance_the_counts_they_are_given():
+    V, k = 10, 3
+    info = types.SimpleNamespace(logit_bias=None, has_custom_logit_processor=False)
+    plain = types.SimpleNamespace(reqs=[_req([4])], sampling_info=info, has_grammar=False)
+    counts = penalties.PenaltyCounts(V)
+    assert logit_rules.BlockRules.of(plain, k, V, "cpu", counts) is None  # nothing asked: no rules, no device work
+    req = _req([4], presence_penalty=2.0)
+    counts.start([req], torch.tensor([5]))
+    rules = logit_rules.BlockRules.of(types.SimpleNamespace(reqs=[req], sampling_info=info, has_grammar=False),
+                                      k, V, "cpu", counts)
+    logits = torch.zeros(1, k, V)
+    rules.verify(logits, torch.tensor([[5, 6, 7]]))  # row j sees the output 4, 5 and drafts d_1 .. d_j
+    assert [(logits[0, j] == -2).nonzero().flatten().tolist() for j in range(k)] == [[4, 5], [4, 5, 6], [4, 5, 6, 7]]
+    rules.commit(torch.tensor([[6, 7, 0]]), torch.tensor([1]))  # d_1 kept, bonus 7, then padding
+    assert counts.of(req, "cpu")[0].nonzero().flatten().tolist() == [4, 5, 6, 7]

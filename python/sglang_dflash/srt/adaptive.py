@@ -13,9 +13,10 @@ tokens per second:
         that verified draft i (`AcceptanceModel`)
     T(bs, k) = seconds from the start of a step at width k to the start of the next decode step (the whole
         period: drafter, verify, accept, commit and the scheduler's own work), a least-squares line in bs per
-        width over the recent steps (`CostModel`); a period with a prefill in it, or after which the batch
-        changed (a request left or joined: the scheduler may have waited for work), is not counted, and one
-        more than 3x the width's estimate counts as 3x (a stall, a first-use compilation)
+        width over the recent steps (`CostModel`), the periods measured by `timing.StepClock`; a period with a
+        prefill in it, or after which the batch changed (a request left or joined: the scheduler may have waited
+        for work), is not counted, and one more than 3x the width's estimate counts as 3x (a stall, a first-use
+        compilation)
 
 Nothing is calibrated per machine: both models start empty and learn while serving. The first step runs the
 full block; a width whose cost is unknown and that neighbours the best one is tried at the next step, and each
@@ -135,7 +136,8 @@ class CostModel:
 class WidthChooser:
     """The verify width of each step (see the module docstring). `choose(bs)` before a step, `ran(width)` with
     the width the step runs (under TP rank 0's), `observe(width, accept_len)` with its acceptance,
-    `step_time(bs, width, seconds)` with its period."""
+    `step_time(bs, width, seconds)` with its period (`timing.StepClock` decides which periods count and whose
+    they are)."""
 
     def __init__(self, widths: list[int], mode: str = "adaptive", probe_every: int = PROBE_EVERY) -> None:
         if mode not in ("adaptive", "fixed", "cycle"):
