@@ -106,7 +106,8 @@ def _start_args(tmp_path, target, **changes):
     path.mkdir(exist_ok=True)
     (path / "config.json").write_text(json.dumps(target))
     base = dict(model_path=str(path), trust_remote_code=False, revision=None, json_model_override_args="{}",
-                device="cpu", speculative_draft_window_size=None)
+                device="cpu", speculative_draft_window_size=None, enable_mixed_chunk=False,
+                speculative_draft_model_path=None)
     return SimpleNamespace(**{**base, **changes})
 
 
@@ -118,8 +119,21 @@ def test_start_args_checks(tmp_path):
     check_start_args(_start_args(tmp_path, dense))
     with pytest.raises(ValueError, match="--speculative-draft-window-size=64 is not supported"):
         check_start_args(_start_args(tmp_path, dense, speculative_draft_window_size=64))
+    with pytest.raises(ValueError, match="--enable-mixed-chunk is not supported"):
+        check_start_args(_start_args(tmp_path, dense, enable_mixed_chunk=True))
     with pytest.raises(ValueError, match="'qwen3_next' has recurrent"):
         check_start_args(_start_args(tmp_path, _qwen3_next().to_dict()))
+    # the drafter against the target, from its config alone (no weights read)
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    raw = {**KIMI_DRAFTER, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+           "num_target_layers": 2, "dflash_config": {"target_layer_ids": [0], "mask_token_id": 63, "block_size": 4}}
+    (draft / "config.json").write_text(json.dumps(raw))
+    check_start_args(_start_args(tmp_path, dense, speculative_draft_model_path=str(draft),
+                                 speculative_draft_model_revision=None, speculative_num_draft_tokens=None))
+    with pytest.raises(ValueError, match="block_size=1, expected an integer >= 2"):
+        check_start_args(_start_args(tmp_path, dense, speculative_draft_model_path=str(draft),
+                                     speculative_draft_model_revision=None, speculative_num_draft_tokens=1))
 
 
 def test_server_refuses_hybrid_target_before_starting(tmp_path):

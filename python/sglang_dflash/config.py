@@ -244,13 +244,16 @@ def capture_order(layer_ids: tuple[int, ...]) -> list[int] | None:
     return None if order == list(range(len(order))) else order
 
 
-def check_for_sglang(draft_hf_config: Any, target_hf_config: Any, block_size: int) -> DFlashConfig:
+def check_for_sglang(draft_hf_config: Any, target_hf_config: Any, block_size: int | None) -> DFlashConfig:
     """Start-up check of a drafter served by SGLang, before any drafter weight is read: the drafter fits
-    the target (`validate_against_target`), and every target layer it reads can be captured. Each error
-    names the bad value."""
-    cfg = DFlashConfig.from_dict(draft_hf_config.to_dict(), block_size=block_size)
-    cfg.validate_against_target(target_hf_config)
-    n_layers = target_hf_config.num_hidden_layers
+    the target's language model (`validate_against_target` on its text config), and every target layer it reads can
+    be captured. `block_size` None: the drafter's own. Each error names the bad value."""
+    from .families import as_dict, text_config
+
+    cfg = DFlashConfig.from_dict(as_dict(draft_hf_config), block_size=block_size)
+    target = text_config(target_hf_config)
+    cfg.validate_against_target(target)
+    n_layers = target["num_hidden_layers"]
     last = max(cfg.target_layer_ids)
     if last >= n_layers - 1:
         raise ValueError(

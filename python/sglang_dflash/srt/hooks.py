@@ -117,20 +117,31 @@ def _check_start_args_first(server_args, *args, **kwargs):
 
 
 def check_start_args(cfg) -> None:
-    """Hook 10's refusals, before any process starts: a target family the worker cannot serve (`families.refusal`,
-    read from the target's config as SGLang loads it) and flags it would otherwise ignore."""
+    """Hook 10's refusals, before any process starts: flags the worker would otherwise ignore or cannot serve, a
+    target family it cannot serve (`families.refusal`), and a drafter that does not fit the target
+    (`config.check_for_sglang`: layer ids, hidden size, mask id, block size), each read from the configs as SGLang
+    loads them. The worker repeats the last two on SGLang's own model configs."""
     import json
 
+    from ..config import check_for_sglang
     from ..families import check_target
     from .sglang_api import get_config
 
     if cfg.speculative_draft_window_size is not None:
         raise ValueError(f"sglang-dflash: --speculative-draft-window-size={cfg.speculative_draft_window_size} is not "
                          "supported (the drafter attends to the whole committed context); start without it")
+    if cfg.enable_mixed_chunk:
+        raise ValueError("sglang-dflash: --enable-mixed-chunk is not supported (prefill and decode of one batch in one "
+                         "forward); start without it")
     overrides = json.loads(cfg.json_model_override_args or "{}")
     target = get_config(cfg.model_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
                         model_override_args=overrides)
     check_target(target, str(cfg.device))
+    if cfg.speculative_draft_model_path is not None:  # else SGLang's own DFLASH check names the missing flag
+        draft = get_config(cfg.speculative_draft_model_path, trust_remote_code=cfg.trust_remote_code,
+                           revision=cfg.speculative_draft_model_revision)
+        block_size = cfg.speculative_num_draft_tokens
+        check_for_sglang(draft, target, None if block_size is None else int(block_size))
 
 
 def _create_torch_native_backend(runner):
