@@ -54,7 +54,14 @@ from pathlib import Path
 from sglang_dflash.assets import tiny_pair
 from sglang_dflash.server import Server, start_all
 
-PROMPTS_FILE = Path(__file__).resolve().parents[1] / "python/sglang_dflash/assets/bench_prompts.json"
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS_FILE = REPO / "python/sglang_dflash/assets/bench_prompts.json"
+
+
+def _shown(path) -> str:
+    """A model path for the results' metadata: relative to the repository when inside it (no machine paths)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 SGLANG_DFLASH_MAX_RUNNING = 48  # SGLang 0.5.23's default --max-running-requests under speculative decoding
 SERVER_KV_TOKENS = 8192  # the --max-total-tokens `Server` passes
 
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             s.stop()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": str(t_dir), "draft": str(d_dir),
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": _shown(t_dir), "draft": _shown(d_dir),
             "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "block_size": block,
             "sides": {s.name: {"label": s.label, "env": s.env} for s in sides}, "server_args": server_args,
             "command": "python scripts/bench_serving.py " + " ".join(argv if argv is not None else sys.argv[1:])}

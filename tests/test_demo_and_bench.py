@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,6 +27,7 @@ def test_demo_names_a_wrong_path():
     assert out.returncode != 0 and "/no/such/model" in out.stderr and "no such directory" in out.stderr
 
 
+@pytest.mark.slow  # 70 s: the benchmark script's own check, not serving; keeps the default suite near 25 minutes
 def test_bench_fails_when_outputs_differ(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts/bench_serving.py"), "--concurrency", "1", "--requests", "2",
            "--max-new-tokens", "8", "--baseline-max-new-tokens", "7", "--out", str(tmp_path / "bench")]

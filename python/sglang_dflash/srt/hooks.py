@@ -39,8 +39,9 @@ process, before SGLang parses its arguments. Each hook says why it exists:
    DFLASH requests pass (other algorithms keep SGLang's check).
 10. Start-up refusals (BEFORE `sglang.srt.arg_groups.model_hook.handle_model_specific_adjustments`, the first
     argument-resolution step that reads the target's config, in the launching process; DFLASH servers only): a
-    target family the worker cannot serve (`families.refusal`: recurrent layers, MLA off a GPU) and
-    `--speculative-draft-window-size` are refused with a message naming the reason, before SGLang's own
+    target family the worker cannot serve (`families.refusal`: recurrent layers; MLA and attention sinks off a GPU),
+    a drafter that does not fit the target (from the configs alone), `--speculative-draft-window-size` and
+    `--enable-mixed-chunk` are refused with a message naming the reason, before SGLang's own
     model-specific checks (on CPU they would stop a hybrid target first, with a message about Mamba cache
     buffers) and before any scheduler starts. The worker repeats the family check on SGLang's model config.
 
