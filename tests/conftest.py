@@ -51,6 +51,35 @@ def make_drafter(target, *, layers=2, block_size=4, layer_ids=None, mask_token_i
     return d.eval()
 
 
+def train_drafter(target, drafter, prompts: list[list[int]], outputs: list[list[int]], steps: int) -> None:
+    """A few full-batch AdamW steps of the drafter's training loss (train.py) on the target's own continuations
+    of `prompts`, every response position an anchor."""
+    from sglang_dflash.target import target_features
+    from sglang_dflash.train import block_batch, block_logits, default_gamma, weighted_loss
+    from sglang_dflash.train_data import Sequence
+
+    cfg = drafter.cfg
+    seqs = []
+    with torch.no_grad():
+        for p, o in zip(prompts, outputs):
+            ids = torch.tensor([p + o])
+            hidden = target(ids, output_hidden_states=True).hidden_states
+            seqs.append(Sequence(ids[0], target_features(hidden, cfg.target_layer_ids)[0], len(p)))
+    batch = block_batch(seqs, [torch.arange(s.prompt_len, len(s.tokens) - 1) for s in seqs], cfg.block_size,
+                        cfg.mask_token_id, "cpu")
+    embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+    target.requires_grad_(False)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
+    drafter.train()
+    for _ in range(steps):
+        loss = weighted_loss(block_logits(drafter, embed, lm_head, batch), batch["labels"], cfg.block_size,
+                             default_gamma(cfg.block_size))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    drafter.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_pair():
     from sglang_dflash.assets import tiny_pair as _tiny_pair

@@ -72,16 +72,25 @@ def test_torch_native_attention_refuses_inputs_it_does_not_implement():
             forward(None, None, None, None, None, sinks=object())
 
 
-@pytest.mark.parametrize("make,words", [
-    (_qwen3_next, ["'qwen3_next'", "'linear_attention'", "wrong output"]),
-    (_qwen3_5, ["'qwen3_5_text'", "'linear_attention'", "wrong output"]),  # composite: read from its text config
-])
-def test_hybrid_gated_deltanet_refused(make, words):
+def test_hybrid_gated_deltanet_served_where_its_kernels_run():
+    """Gated DeltaNet targets are served (the worker commits their state after verify): everywhere for Qwen3-Next,
+    whose layer runs on CPU with our torch pieces; Qwen3.5 / 3.6 (composite: read from the text config) only on a
+    GPU, with a refusal naming the reason on CPU."""
     for device in ("cpu", "cuda"):
-        with pytest.raises(ValueError) as e:
-            check_target(make(), device)
-        missing = [w for w in words if w not in str(e.value)]
-        assert not missing, str(e.value)
+        check_target(_qwen3_next(), device)
+    check_target(_qwen3_5(), "cuda")
+    with pytest.raises(ValueError) as e:
+        check_target(_qwen3_5(), "cpu")
+    missing = [w for w in ("'qwen3_5_text'", "Gated DeltaNet", "'cpu'", "['qwen3_next']") if w not in str(e.value)]
+    assert not missing, str(e.value)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_other_recurrent_layers_refused(device):
+    """A linear-attention hybrid that is not Gated DeltaNet (Kimi-Linear's KDA) would be served wrong: refused."""
+    kimi_linear = {"model_type": "kimi_linear", "layer_types": ["linear_attention", "full_attention"]}
+    reason = refusal(kimi_linear, device)
+    assert "'kimi_linear'" in reason and "only for Gated DeltaNet" in reason and "wrong output" in reason, reason
 
 
 def test_recurrent_without_layer_types_refused():
@@ -121,8 +130,7 @@ def test_start_args_checks(tmp_path):
         check_start_args(_start_args(tmp_path, dense, speculative_draft_window_size=64))
     with pytest.raises(ValueError, match="--enable-mixed-chunk is not supported"):
         check_start_args(_start_args(tmp_path, dense, enable_mixed_chunk=True))
-    with pytest.raises(ValueError, match="'qwen3_next' has recurrent"):
-        check_start_args(_start_args(tmp_path, _qwen3_next().to_dict()))
+    assert check_start_args(_start_args(tmp_path, _qwen3_next().to_dict()))["model_type"] == "qwen3_next"
     # the drafter against the target, from its config alone (no weights read)
     draft = tmp_path / "draft"
     draft.mkdir()
@@ -136,22 +144,31 @@ def test_start_args_checks(tmp_path):
                                      speculative_draft_model_revision=None, speculative_num_draft_tokens=1))
 
 
-def test_server_refuses_hybrid_target_before_starting(tmp_path):
-    """A tiny random Qwen3-Next (Gated DeltaNet) target with a drafter that fits it: the server exits at argument
-    resolution with the reason, before any scheduler starts."""
-    import torch
-    from conftest import make_drafter
-    from sglang_server import Server
-    from transformers import Qwen3NextForCausalLM
+def test_gated_deltanet_under_overlap_refused_on_cpu(tmp_path, monkeypatch):
+    """SGLang's overlap scheduler needs its extra_buffer Mamba radix cache for a GDN target, GPU-only in 0.5.23."""
+    from sglang_dflash.srt.hooks import check_start_args
 
-    torch.manual_seed(0)
-    target = Qwen3NextForCausalLM(_qwen3_next()).eval()
-    target.save_pretrained(tmp_path / "target")
-    target.config.head_dim = 8
-    make_drafter(target, block_size=4, layer_ids=(0, 1), mask_token_id=63).save_pretrained(tmp_path / "draft")
+    monkeypatch.setenv("SGLANG_ENABLE_DFLASH_SPEC_V2", "1")
+    with pytest.raises(ValueError, match="'qwen3_next'.* overlap scheduler .* runs only on GPUs"):
+        check_start_args(_start_args(tmp_path, _qwen3_next().to_dict()))
+    check_start_args(_start_args(tmp_path, _qwen3_next().to_dict(), device="cuda"))
+
+
+def test_server_refuses_a_gdn_target_it_cannot_run_here_before_starting(tmp_path):
+    """A Qwen3.5 target (a config is enough: the refusal comes first) with a drafter that fits it: on CPU the server
+    exits at argument resolution with the reason, before any scheduler starts or any weight is read."""
+    from sglang_server import Server
+
+    for name, raw in (("target", {**_qwen3_5().to_dict(), "architectures": ["Qwen3_5ForConditionalGeneration"]}),
+                      ("draft", {**KIMI_DRAFTER, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                 "head_dim": 8, "num_target_layers": 4, "vocab_size": 64,
+                                 "dflash_config": {"target_layer_ids": [0, 1], "mask_token_id": 63,
+                                                   "block_size": 4}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(raw))
     server = Server(tmp_path / "target", tmp_path / "draft", "--skip-tokenizer-init")
     rc = server.wait_exit(timeout=240)
     log = server.log()
     assert rc != 0, log[-3000:]
-    assert "'qwen3_next' has recurrent" in log and "wrong output" in log, log[-3000:]
+    assert "'qwen3_5_text' has Gated DeltaNet layers" in log and "serve it on a GPU" in log, log[-3000:]
     assert "Load weight begin" not in log, "refused only after the target was loaded"

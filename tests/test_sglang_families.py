@@ -27,12 +27,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import make_drafter
+from conftest import make_drafter, train_drafter
 from sglang_dflash.reference import generate
 from sglang_dflash.server import start_all
-from sglang_dflash.target import target_features
-from sglang_dflash.train import block_batch, block_logits, default_gamma, weighted_loss
-from sglang_dflash.train_data import Sequence
 from sglang_server import Server
 
 MAX_NEW = 24
@@ -86,31 +83,6 @@ def _target(family: Family, **overrides):
     return model
 
 
-def _train(target, drafter, prompts: list[list[int]], outputs: list[list[int]], steps: int) -> None:
-    """A few full-batch AdamW steps of the drafter's training loss (train.py) on the target's own continuations
-    of `prompts`, every response position an anchor."""
-    cfg = drafter.cfg
-    seqs = []
-    with torch.no_grad():
-        for p, o in zip(prompts, outputs):
-            ids = torch.tensor([p + o])
-            hidden = target(ids, output_hidden_states=True).hidden_states
-            seqs.append(Sequence(ids[0], target_features(hidden, cfg.target_layer_ids)[0], len(p)))
-    batch = block_batch(seqs, [torch.arange(s.prompt_len, len(s.tokens) - 1) for s in seqs], cfg.block_size,
-                        cfg.mask_token_id, "cpu")
-    embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
-    target.requires_grad_(False)
-    opt = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
-    drafter.train()
-    for _ in range(steps):
-        loss = weighted_loss(block_logits(drafter, embed, lm_head, batch), batch["labels"], cfg.block_size,
-                             default_gamma(cfg.block_size))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    drafter.eval()
-
-
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     """name -> (target, drafter, target-only reference, reference with the drafter, directory of target/ and
@@ -124,7 +96,7 @@ def families(tmp_path_factory):
         # order in the drafter's config, while the reference loop concatenates them in config order
         drafter = make_drafter(target, layers=1, block_size=family.block_size, layer_ids=(0, 1), mask_token_id=63,
                                seed=family.seed)
-        _train(target, drafter, PROMPTS, [r.output_ids for r in plain], family.train_steps)
+        train_drafter(target, drafter, PROMPTS, [r.output_ids for r in plain], family.train_steps)
         target.save_pretrained(root / name / "target")
         drafter.save_pretrained(root / name / "draft")
         out[name] = (target, drafter, plain, generate(target, drafter, PROMPTS, MAX_NEW), root / name)

@@ -1,11 +1,12 @@
 """Target families: which targets the DFLASH worker serves, and a refusal naming the reason for the rest.
 
 The worker's rollback of a rejected draft is free only when a target's decode state is its attention KV cache:
-the rejected tokens' slots are simply overwritten later. A target with RECURRENT layers (Gated DeltaNet linear
-attention in Qwen3-Next / Qwen3.5 / Qwen3.6 / Qwen3-Coder-Next, Mamba, KDA, lightning attention) advances a
-per-request state over every token of the verify block, accepted or not; committing only the accepted prefix
-needs the state after that prefix (SGLang's "mamba track"), which this worker does not keep yet. Serving such a
-target would give WRONG output, so it is refused before anything starts.
+the rejected tokens' slots are simply overwritten later. A target with RECURRENT layers advances a per-request
+state over every token of the verify block, accepted or not. For Gated DeltaNet linear attention (Qwen3-Next,
+Qwen3-Coder-Next, Qwen3.5 / Qwen3.6) the worker commits the state after the accepted prefix after every verify
+(`srt.worker.commit_states`); on CPU the GDN kernels are our torch ones (`srt.cpu_gdn`), written for Qwen3-Next's
+layer only, so the other GDN families are refused there. Other recurrent layers (Mamba, KDA, lightning attention)
+are not committed: serving them would give WRONG output, so they are refused before anything starts.
 
 Multi-head latent attention (MLA: DeepSeek-V3, Kimi-K2 / K2.5) and attention sinks (gpt-oss) have no CPU attention
 backend in SGLang 0.5.23, so they are refused on CPU; on a GPU they are served through SGLang's own attention backends,
@@ -27,6 +28,10 @@ RECURRENT_MODEL_TYPES = frozenset({
     "falcon_h1", "lfm2", "lfm2_moe", "mamba", "mamba2", "falcon_mamba", "zamba", "zamba2", "jet_nemotron",
     "bailing_hybrid", "minicpm_hybrid",
 })
+# Gated DeltaNet hybrids: served (the worker commits their state after verify); on CPU only those whose GDN layer
+# code runs with our torch pieces (srt/cpu_gdn.py: Qwen3-Next's layer)
+GDN_MODEL_TYPES = frozenset({"qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"})
+CPU_GDN_MODEL_TYPES = frozenset({"qwen3_next"})
 # model types whose attention has per-head sinks (an extra logit in every softmax denominator)
 SINK_MODEL_TYPES = frozenset({"gpt_oss"})
 # config fields only recurrent layers have
@@ -72,9 +77,10 @@ def recurrent_layers(text: dict[str, Any]) -> str | None:
 
 def recurrent_refusal(model_type: str, why: str) -> str:
     return (f"sglang-dflash: target model_type {model_type!r} has recurrent (linear-attention / state-space) layers "
-            f"({why}); the verify forward advances their state over every draft token and this worker does not yet "
-            "roll it back to the accepted prefix, so it would serve wrong output. Serve this target without "
-            "speculation (or with SGLang's own DFLASH: SGLANG_PLUGINS=<other plugins> leaves ours out)")
+            f"({why}); the verify forward advances their state over every draft token and this worker rolls it back "
+            "to the accepted prefix only for Gated DeltaNet layers, so it would serve wrong output. Serve this "
+            "target without speculation (or with SGLang's own DFLASH: SGLANG_PLUGINS=<other plugins> leaves ours "
+            "out)")
 
 
 def refusal(target_config: Any, device: str) -> str | None:
@@ -82,7 +88,12 @@ def refusal(target_config: Any, device: str) -> str | None:
     text = text_config(target_config)
     name = text.get("model_type") or as_dict(target_config).get("model_type") or "?"
     recurrent = recurrent_layers(text)
-    if recurrent is not None:
+    if recurrent is not None and text.get("model_type") in GDN_MODEL_TYPES:
+        if text["model_type"] not in CPU_GDN_MODEL_TYPES and not str(device).startswith("cuda"):
+            return (f"sglang-dflash: target model_type {name!r} has Gated DeltaNet layers whose SGLang 0.5.23 layer "
+                    f"code runs only Triton / CUDA kernels; on device {device!r} only {sorted(CPU_GDN_MODEL_TYPES)} "
+                    "targets are served (srt/cpu_gdn.py); serve it on a GPU")
+    elif recurrent is not None:
         return recurrent_refusal(name, recurrent)
     if text.get("model_type") in SINK_MODEL_TYPES and not str(device).startswith("cuda"):
         return (f"sglang-dflash: target model_type {name!r} uses attention sinks, which SGLang 0.5.23's torch_native "

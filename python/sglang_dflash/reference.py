@@ -28,6 +28,7 @@ import torch
 from dflash_kernels import greedy_accept, sample_accept
 
 from .drafter import DFlashDrafter
+from .families import recurrent_layers, text_config
 from .sampling import SamplingParams, probs_for
 from .target import default_stop_ids, load_target, target_features
 
@@ -163,6 +164,11 @@ def generate(
         block_size = drafter.cfg.block_size if drafter is not None else 1
     if drafter is not None and block_size < 2:
         raise ValueError(f"block_size={block_size}, expected >= 2 with a drafter")
+    recurrent = recurrent_layers(text_config(target.config))
+    if drafter is not None and recurrent is not None:  # transformers' cache keeps the state after the whole block
+        raise NotImplementedError(f"the reference loop verifies a block through transformers' cache, which cannot "
+                                  f"roll a recurrent state back to the accepted prefix; this target has {recurrent} "
+                                  "(target-only decoding, drafter=None, is exact)")
     results = []
     for i, prompt in enumerate(prompts):
         gen = torch.Generator(device=target.device).manual_seed(seed + i)

@@ -194,7 +194,7 @@ def _spec_draft_tokens(width: int) -> Iterator[None]:
 
 
 def _unsupported(model_runner: ModelRunner) -> str | None:
-    from .sglang_api import get_disagg, get_exec
+    from .sglang_api import HybridLinearAttnBackend, get_disagg, get_exec
 
     if model_runner.lora_manager is not None:
         return "LoRA: its graph batch info is sized by each capture"
@@ -202,6 +202,8 @@ def _unsupported(model_runner: ModelRunner) -> str | None:
         return "PD multiplexing"
     if get_exec().overlap.enable_two_batch_overlap and not model_runner.is_draft_worker:
         return "two-batch overlap"
+    if isinstance(model_runner.attn_backend, HybridLinearAttnBackend):
+        return "a hybrid linear-attention target: per-width graphs of its GDN state have not been run"
     return None
 
 

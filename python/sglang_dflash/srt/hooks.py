@@ -43,7 +43,16 @@ process, before SGLang parses its arguments. Each hook says why it exists:
     a drafter that does not fit the target (from the configs alone), `--speculative-draft-window-size` and
     `--enable-mixed-chunk` are refused with a message naming the reason, before SGLang's own
     model-specific checks (on CPU they would stop a hybrid target first, with a message about Mamba cache
-    buffers) and before any scheduler starts. The worker repeats the family check on SGLang's model config.
+    buffers) and before any scheduler starts. The worker repeats the family check on SGLang's model config. Off a
+    GPU a Gated DeltaNet target also gets the synchronous scheduler declared here (SGLang picks its Mamba radix
+    cache strategy from the overlap setting before hook 5 runs; extra_buffer needs a GPU).
+11. Hybrid Gated DeltaNet targets on CPU (our CPU platform only, `install_cpu_gdn`): SGLang 0.5.23 runs a GDN layer
+    only through Triton / CUDA kernels (its CPU engine needs a CPU build of sgl-kernel, whose verify path does not
+    exist). REPLACE of the GDN backend class (`gdn_backend.GDNAttnBackend` -> `cpu_gdn.TorchGDNAttnBackend`, same
+    pool and metadata, kernels in torch), of the post-verify state scatter (`scatter_mamba_states_after_mtp_verify`,
+    which refuses CPU tensors), of the gated RMSNorms' forwards, of the Qwen3-Next projection split and of the Qwen2-MoE
+    shared-expert gate (Triton); AROUND Qwen3-Next's GDN layer construction, which asks
+    `torch.get_device_module().current_device()` (CUDA on a CUDA build of torch without a driver).
 
 Every target is listed in `TARGETS` (tests/test_plugin.py resolves each in the installed SGLang); the SGLang names
 the hooks use are read from `sglang_api`, which says where each lives in SGLang 0.5.23 and why.
@@ -52,6 +61,8 @@ the hooks use are read from `sglang_api`, which says where each lives in SGLang 
 from __future__ import annotations
 
 import logging
+
+from ..families import GDN_MODEL_TYPES
 
 logger = logging.getLogger("sglang_dflash")
 
@@ -62,8 +73,18 @@ KV_WARMUP_TARGET = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._init_kv_c
 SAMPLING_MASK_CHECK_TARGET = "sglang.srt.managers.scheduler.validate_spec_sampling_mask_request"
 MODEL_ARGS_TARGET = "sglang.srt.arg_groups.model_hook.handle_model_specific_adjustments"
 INPUT_CHECK_TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+# hook 11, CPU only: a hybrid Gated DeltaNet target's Triton / CUDA-only pieces, in torch (`cpu_gdn`)
+GDN_BACKEND_TARGET = "sglang.srt.layers.attention.linear.gdn_backend.GDNAttnBackend"
+GDN_COMMIT_TARGET = "sglang.kernels.ops.mamba.mamba_state_scatter_triton.scatter_mamba_states_after_mtp_verify"
+GDN_FUSED_NORM_TARGET = "sglang.kernels.ops.attention.fla.fused_norm_gate.FusedRMSNormGated.forward"
+GDN_GATED_NORM_TARGET = "sglang.kernels.ops.attention.fla.layernorm_gated.RMSNorm.forward"
+GDN_SPLIT_TARGET = "sglang.kernels.ops.attention.triton_gdn_fused_proj.fused_qkvzba_split_reshape_cat"
+GDN_LAYER_TARGET = "sglang.srt.models.qwen3_next.Qwen3GatedDeltaNet.__init__"
+SHARED_EXPERT_GATE_TARGET = "sglang.kernels.ops.elementwise.elementwise.fused_gate_sigmoid_mul_add"
+CPU_GDN_TARGETS = (GDN_BACKEND_TARGET, GDN_COMMIT_TARGET, GDN_FUSED_NORM_TARGET, GDN_GATED_NORM_TARGET,
+                   GDN_SPLIT_TARGET, GDN_LAYER_TARGET, SHARED_EXPERT_GATE_TARGET)
 TARGETS = (WORKER_TARGET, REQUEST_CHECK_TARGET, ARGS_TARGET, KV_WARMUP_TARGET, SAMPLING_MASK_CHECK_TARGET,
-           MODEL_ARGS_TARGET, INPUT_CHECK_TARGET)
+           MODEL_ARGS_TARGET, INPUT_CHECK_TARGET, *CPU_GDN_TARGETS)
 
 
 def _admit_input_then(original, manager, obj, input_ids, *args, **kwargs):
@@ -113,19 +134,26 @@ def _check_start_args_first(server_args, *args, **kwargs):
 
     cfg = resolving_view(server_args)
     if cfg.speculative_algorithm == "DFLASH":
-        check_start_args(cfg)
+        text = check_start_args(cfg)
+        if text.get("model_type") in GDN_MODEL_TYPES and not str(cfg.device).startswith("cuda"):
+            # SGLang's Mamba radix cache then resolves to no_buffer (its extra_buffer needs a GPU); our default
+            # synchronous scheduler is declared later in resolution (hook 5), too late for that choice
+            from .sglang_api import declare_resolution
+
+            declare_resolution(server_args, "sglang_dflash", disable_overlap_schedule=True)
     return None
 
 
-def check_start_args(cfg) -> None:
+def check_start_args(cfg) -> dict:
     """Hook 10's refusals, before any process starts: flags the worker would otherwise ignore or cannot serve, a
     target family it cannot serve (`families.refusal`), and a drafter that does not fit the target
     (`config.check_for_sglang`: layer ids, hidden size, mask id, block size), each read from the configs as SGLang
-    loads them. The worker repeats the last two on SGLang's own model configs."""
+    loads them. The worker repeats the last two on SGLang's own model configs. -> the target's text config."""
     import json
 
     from ..config import check_for_sglang
-    from ..families import check_target
+    from ..envs import overlap_requested
+    from ..families import check_target, text_config
     from .sglang_api import get_config
 
     if cfg.speculative_draft_window_size is not None:
@@ -138,11 +166,17 @@ def check_start_args(cfg) -> None:
     target = get_config(cfg.model_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
                         model_override_args=overrides)
     check_target(target, str(cfg.device))
+    text = text_config(target)
+    if text.get("model_type") in GDN_MODEL_TYPES and overlap_requested() and not str(cfg.device).startswith("cuda"):
+        raise ValueError(f"sglang-dflash: a Gated DeltaNet target ({text['model_type']!r}) under the overlap scheduler "
+                         "needs SGLang's extra_buffer Mamba radix cache, which SGLang 0.5.23 runs only on GPUs; on "
+                         f"device {cfg.device!r} start without SGLANG_ENABLE_DFLASH_SPEC_V2 / SGLANG_ENABLE_SPEC_V2")
     if cfg.speculative_draft_model_path is not None:  # else SGLang's own DFLASH check names the missing flag
         draft = get_config(cfg.speculative_draft_model_path, trust_remote_code=cfg.trust_remote_code,
                            revision=cfg.speculative_draft_model_revision)
         block_size = cfg.speculative_num_draft_tokens
         check_for_sglang(draft, target, None if block_size is None else int(block_size))
+    return text
 
 
 def _create_torch_native_backend(runner):
@@ -165,3 +199,34 @@ def install() -> None:
     HookRegistry.register(SAMPLING_MASK_CHECK_TARGET, _sampling_masks_served, HookType.AROUND)
     ModelRegistry.register("sglang_dflash.srt.models", overwrite=True, strict=True)
     register_attention_backend("torch_native")(_create_torch_native_backend)
+    if cpu_platform_active():
+        install_cpu_gdn()
+
+
+def cpu_platform_active() -> bool:
+    from .platform import activate
+
+    return activate() is not None
+
+
+def _build_gdn_layer_on_cpu(original, *args, **kwargs):
+    from .cpu_gdn import cpu_device_module
+
+    with cpu_device_module():
+        return original(*args, **kwargs)
+
+
+def install_cpu_gdn() -> None:
+    """Hook 11 (our CPU platform only): hybrid Gated DeltaNet targets run on CPU with the torch pieces of `cpu_gdn`:
+    SGLang's GDN backend class and its post-verify state commit replaced, the GDN layer's gated norms and projection
+    split in torch, and its construction shielded from `torch.get_device_module()` answering CUDA."""
+    from . import cpu_gdn
+    from .sglang_api import HookRegistry, HookType
+
+    HookRegistry.register(GDN_BACKEND_TARGET, cpu_gdn.TorchGDNAttnBackend, HookType.REPLACE)
+    HookRegistry.register(GDN_COMMIT_TARGET, cpu_gdn.scatter_states_after_verify, HookType.REPLACE)
+    for target in (GDN_FUSED_NORM_TARGET, GDN_GATED_NORM_TARGET):
+        HookRegistry.register(target, cpu_gdn.rms_norm_gated, HookType.REPLACE)
+    HookRegistry.register(GDN_SPLIT_TARGET, cpu_gdn.split_qkvzba, HookType.REPLACE)
+    HookRegistry.register(GDN_LAYER_TARGET, _build_gdn_layer_on_cpu, HookType.AROUND)
+    HookRegistry.register(SHARED_EXPERT_GATE_TARGET, cpu_gdn.gate_sigmoid_mul_add, HookType.REPLACE)

@@ -155,6 +155,18 @@ NAMES: dict[str, Name] = {
                                   "(outputs.spec_logprobs)"),
     "apply_custom_logit_processor": Name("sglang.srt.layers.sampler:apply_custom_logit_processor",
                                          "requests' custom logit processors on the block rows (logit_rules)"),
+    # -- hybrid Gated DeltaNet targets (worker.py, cpu_gdn.py) -----------------------------------------------------
+    "hybrid_gdn_config": Name("sglang.srt.configs.hybrid_arch:hybrid_gdn_config",
+                              "SGLang's reading of a Gated DeltaNet target: the worker commits its state after verify"),
+    "prepare_mamba_track_for_verify": Name("sglang.srt.speculative.spec_utils:prepare_mamba_track_for_verify",
+                                           "radix track slots of a GDN target's verify forward (worker._verify)"),
+    "commit_mamba_states_after_verify": Name("sglang.srt.speculative.spec_utils:commit_mamba_states_after_verify",
+                                             "commits a GDN target's state to the accepted prefix after verify "
+                                             "(worker.commit_states)"),
+    "HybridLinearAttnBackend": Name("sglang.srt.layers.attention.hybrid_linear_attn_backend:HybridLinearAttnBackend",
+                                    "a GDN target's backend: full attention + GDN (reads_width_per_forward, graphs)"),
+    "GDNAttnBackend": Name("sglang.srt.layers.attention.linear.gdn_backend:GDNAttnBackend",
+                           "base of our torch GDN backend on CPU (cpu_gdn.TorchGDNAttnBackend)"),
     # -- platforms (cpu_platform.py) ------------------------------------------------------------------------------
     "CpuSRTPlatform": Name("sglang.srt.platforms.cpu:CpuSRTPlatform", "base class of our CPU platform"),
     "PlatformEnum": Name("sglang.srt.platforms.interface:PlatformEnum", "OOT, what our platform says it is"),
@@ -182,7 +194,11 @@ def reads_width_per_forward(backend: object) -> bool:
     """Whether `backend` (an SGLang attention backend) reads a TARGET_VERIFY forward's width from its spec_info, so
     one backend serves every verify width eagerly. In SGLang 0.5.23 torch_native (ours included), triton and
     flashinfer do; FA3 fixes the width when built, so a width below the block needs a backend of its own
-    (`graphs.WidthGraphs`)."""
+    (`graphs.WidthGraphs`). A hybrid linear-attention target's backend is read through its full-attention part: its
+    GDN part takes the width from the forward's spec_info when it runs eager (hybrid_linear_attn_backend.py,
+    `_forward_metadata`; our CPU one, `cpu_gdn`, likewise)."""
+    if isinstance(backend, _resolve("HybridLinearAttnBackend")):
+        backend = backend.full_attn_backend
     return isinstance(backend, _per_forward_width_classes())
 
 

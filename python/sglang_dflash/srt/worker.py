@@ -80,6 +80,10 @@ class DFlashWorker(BaseSpecWorker):
         # the target's family (a backstop of hook 5's check) and the drafter's config against the target's text
         # config, before any drafter weight is read
         check_target_runner(target_runner.model_config, str(target_worker.device))
+        # a Gated DeltaNet target: its recurrent state is committed to the accepted prefix after every verify
+        from .sglang_api import hybrid_gdn_config
+
+        self.commits_states = hybrid_gdn_config(target_runner.model_config) is not None
         check_for_sglang(target_runner.spec_aux_config.draft_model_config.hf_config,
                          target_runner.model_config.hf_text_config, self.block_size)
         self.draft_parallel_layout = resolve_draft_parallel_layout(
@@ -322,6 +326,8 @@ class DFlashWorker(BaseSpecWorker):
         soon as they exist, before the commit's work; the acceptance to the width chooser."""
         accepted = stages.accept(step.verify_ids, step.logits, step.proposal.q, step.seq_lens, batch.sampling_info)
         step.accepted = self.rank_sync.accepted(accepted)
+        if self.commits_states:  # before anything else runs the target, as SGLang's own workers do
+            commit_states(self.target_worker, batch, step)
         if on_publish is not None:
             on_publish(step.accepted.new_seq_lens)
         self.width_chooser.observe(step.k, step.accepted.accept_len)
@@ -348,6 +354,10 @@ class DFlashWorker(BaseSpecWorker):
         """A TARGET_VERIFY ForwardBatch of k tokens per request (the block's width) at its positions and slots.
         Field edits on `batch` are undone by the scheduler's isolation after the step."""
         batch.forward_mode = ForwardMode.TARGET_VERIFY
+        if self.commits_states and runner is self.target_worker.model_runner:
+            from .sglang_api import prepare_mamba_track_for_verify
+
+            prepare_mamba_track_for_verify(batch)  # radix track slots (extra_buffer only; else nothing)
         batch.input_ids = ids.flatten()
         batch.out_cache_loc = block.slots.flatten()
         batch.spec_info = BlockForwardInput(draft_token_num=ids.shape[1], positions=block.positions.flatten(),
@@ -355,14 +365,29 @@ class DFlashWorker(BaseSpecWorker):
         return ForwardBatch.init_new(batch, runner, capture_hidden_mode=capture, return_hidden_states_before_norm=False)
 
 
+def commit_states(target_worker, batch, step: Step) -> None:
+    """A Gated DeltaNet target's verify forward leaves each request's recurrent state (and conv window) where it
+    was and keeps the state after every block token in the pool's scratch; the state after the accepted prefix
+    (anchor + accepted drafts, the tokens whose KV the cache keeps) becomes the request's state, and the radix
+    cache's track slot takes the one at its interval crossing. SGLang's own commit does exactly this for a chain
+    of k tokens per request (`commit_mamba_states_after_verify`); on CPU its scatter runs in torch (hook 11)."""
+    from .sglang_api import commit_mamba_states_after_verify
+
+    bs, k = step.verify_ids.shape
+    rows = torch.arange(bs, device=step.verify_ids.device)[:, None] * k
+    chain = rows + torch.arange(k, device=step.verify_ids.device)[None, :]  # [bs, k]: flat index of each token
+    commit_mamba_states_after_verify(target_worker, batch, step.accepted.accept_len.long() + 1, chain, k)
+
+
 def check_target_runner(model_config, device: str) -> None:
     """Refuse a target the worker cannot serve (`families.refusal`), SGLang's own reading of recurrent layers
-    included (its `mambaish_config`: every family whose layers keep a state SGLang tracks per request)."""
-    from .sglang_api import mambaish_config
+    included (its `mambaish_config`: every family whose layers keep a state SGLang tracks per request; of those,
+    only Gated DeltaNet (`hybrid_gdn_config`) is served)."""
+    from .sglang_api import hybrid_gdn_config, mambaish_config
 
-    if mambaish_config(model_config) is not None:
+    if mambaish_config(model_config) is not None and hybrid_gdn_config(model_config) is None:
         raise ValueError(recurrent_refusal(model_config.hf_text_config.model_type, "SGLang serves it with a "
-                                           "recurrent-state pool (mambaish_config)"))
+                                           "recurrent-state pool (mambaish_config) that is not Gated DeltaNet"))
     check_target(model_config.hf_config, device)
 
 
