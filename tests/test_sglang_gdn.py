@@ -142,3 +142,20 @@ def test_sampling_matches_the_target_distribution(pair, servers):
     """Temperature 1, top-k 6: the first two sampled tokens follow the target's exact joint (chi-square)."""
     accepted = check_first_tokens(servers["dflash"], pair[0], k=2, vocab=64, n=1200)
     assert accepted > 0, "no draft accepted: the sampled commit was not tested"
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_equals_target_only(pair):
+    """TP 2: the GDN heads, their recurrent state and the drafter sharded over two CPU ranks; greedy output equal to
+    the target alone's at concurrency 1 and 8, every width in turn, drafts kept."""
+    target, plain, root = pair
+    tp = Server(root / "target", root / "draft", "--skip-tokenizer-init", "--tp-size", "2", *STATE_SLOTS,
+                env={"SGLANG_DFLASH_ADAPTIVE": "cycle", "SGLANG_CPU_OMP_THREADS_BIND": "0|1", **FLOAT32_CONV})
+    try:
+        tp.wait_ready()
+        for concurrency in (1, 8):
+            got = tp.generate_many(PROMPTS, MAX_NEW, concurrency=concurrency, ignore_eos=True)
+            assert [g["output_ids"] for g in got] == [w.output_ids for w in plain], concurrency
+            assert sum(g["meta_info"]["spec_num_correct_drafts"] for g in got) > 0
+    finally:
+        tp.stop()
