@@ -39,6 +39,8 @@ from .sglang_api import (
     ForwardMode,
     GenerationBatchResult,
     TpModelWorker,
+    commit_mamba_states_after_verify,
+    prepare_mamba_track_for_verify,
     reads_width_per_forward,
 )
 from .spec_inputs import BlockForwardInput, DFlashDraftInput
@@ -355,8 +357,6 @@ class DFlashWorker(BaseSpecWorker):
         Field edits on `batch` are undone by the scheduler's isolation after the step."""
         batch.forward_mode = ForwardMode.TARGET_VERIFY
         if self.commits_states and runner is self.target_worker.model_runner:
-            from .sglang_api import prepare_mamba_track_for_verify
-
             prepare_mamba_track_for_verify(batch)  # radix track slots (extra_buffer only; else nothing)
         batch.input_ids = ids.flatten()
         batch.out_cache_loc = block.slots.flatten()
@@ -371,8 +371,6 @@ def commit_states(target_worker, batch, step: Step) -> None:
     (anchor + accepted drafts, the tokens whose KV the cache keeps) becomes the request's state, and the radix
     cache's track slot takes the one at its interval crossing. SGLang's own commit does exactly this for a chain
     of k tokens per request (`commit_mamba_states_after_verify`); on CPU its scatter runs in torch (hook 11)."""
-    from .sglang_api import commit_mamba_states_after_verify
-
     bs, k = step.verify_ids.shape
     rows = torch.arange(bs, device=step.verify_ids.device)[:, None] * k
     chain = rows + torch.arange(k, device=step.verify_ids.device)[None, :]  # [bs, k]: flat index of each token
